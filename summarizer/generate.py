@@ -20,7 +20,9 @@ class NewlineAfterText(StoppingCriteria):
         self.prompt_width = prompt_width
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        new = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        new = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_width :], skip_special_tokens=True
+        )
         done = ["\n" in text.lstrip() for text in new]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

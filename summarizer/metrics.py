@@ -54,7 +54,9 @@ def resolve_tokenizer(name: str, language: str) -> str:
 @lru_cache(maxsize=4)
 def _scorer(tokenizer: str, keep_special_tokens: bool) -> rouge_scorer.RougeScorer:
     if tokenizer == "mecab":
-        return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=MecabTokenizer(keep_special_tokens))
+        return rouge_scorer.RougeScorer(
+            list(ROUGE_TYPES), tokenizer=MecabTokenizer(keep_special_tokens)
+        )
     if tokenizer == "whitespace":
         return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=WhitespaceTokenizer())
     # rouge_score's own: lowercased [a-z0-9] words with Porter stemming (standard English ROUGE)

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def check_device(cfg: ModelConfig, quant: QuantConfig) -> None:
+def check_device(cfg: ModelConfig) -> None:
     if cfg.requires_gpu and not torch.cuda.is_available():
         raise UserError(
             f"model={cfg.name} needs a CUDA GPU and none is visible; "
@@ -43,22 +44,27 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
     """(model, tokenizer) for the preset: tokenizer left-padded, pad token set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_device(cfg, quant)
+    check_device(cfg)
     if cfg.source == "tiny":
         model, tokenizer = _build_tiny(cfg, cache_dir)
     else:
+        offline = False
         if cfg.source == "gguf":
             path, revision = str(_gguf_hf_copy(cfg, cache_dir)), None
         elif cfg.source == "local":
             path, revision = cfg.path, None
             if not Path(path).is_dir():
-                raise UserError(f"model.path={path}: folder not found (model={cfg.name}, source=local)")
+                raise UserError(
+                    f"model.path={path}: folder not found (model={cfg.name}, source=local)"
+                )
         elif cfg.source == "hub":
             path, revision = cfg.path, cfg.revision
+            offline = not _hub_reachable()  # then only the local HF cache is tried, in seconds
         else:
             raise UserError(f"model.source={cfg.source!r}: expected hub, local, gguf or tiny")
         kwargs = dict(
             revision=revision,
+            local_files_only=offline,
             dtype=resolve_dtype(cfg.dtype),
             trust_remote_code=cfg.trust_remote_code,
             quantization_config=quantization_config(quant),
@@ -69,7 +75,10 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                path, revision=revision, trust_remote_code=cfg.trust_remote_code
+                path,
+                revision=revision,
+                trust_remote_code=cfg.trust_remote_code,
+                local_files_only=offline,
             )
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as e:
@@ -77,7 +86,7 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
                 raise UserError(f"model={cfg.name}: cannot load {path}: {_first_line(e)}") from e
             raise UserError(
                 f"model={cfg.name}: cannot load '{cfg.path}' from the Hugging Face hub or its local "
-                f"cache (no hub access or not downloaded: {_first_line(e)}); "
+                f"cache ({'hub unreachable' if offline else 'hub error'}: {_first_line(e)[:200]}); "
                 f"use a local preset: model={cfg.local_alternative}"
             ) from e
 
@@ -87,7 +96,9 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
         # lora.modules_to_save.
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
         model.resize_token_embeddings(len(tokenizer))
-        log.warning("added %d special token(s) %s and resized the embeddings", len(missing), missing)
+        log.warning(
+            "added %d special token(s) %s and resized the embeddings", len(missing), missing
+        )
     tokenizer.padding_side = "left"  # decoder-only: generation continues from the right end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -104,13 +115,29 @@ def stop_token_id(cfg: ModelConfig, tokenizer) -> int:
     return token_id
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so a machine without the hub fails in seconds, not after minutes of retries."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def quantization_config(quant: QuantConfig):
     if quant.method == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"quant={quant.name} needs bitsandbytes (pip install bitsandbytes) or use quant=none")
+        raise UserError(
+            f"quant={quant.name} needs bitsandbytes (pip install bitsandbytes) or use quant=none"
+        )
     if quant.method in ("nf4", "fp4"):
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -142,7 +169,9 @@ def _gguf_file(cfg: ModelConfig) -> Path:
         return in_package
     module = importlib.import_module(cfg.gguf_package)
     if not hasattr(module, "assemble"):
-        raise UserError(f"model={cfg.name}: {cfg.gguf_file} not found in package {cfg.gguf_package}")
+        raise UserError(
+            f"model={cfg.name}: {cfg.gguf_file} not found in package {cfg.gguf_package}"
+        )
     return Path(module.assemble())  # chunked packages write the file into ~/.cache once
 
 
@@ -276,5 +305,7 @@ def load_adapter(model, path: str):
     from peft import PeftModel
 
     if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(f"adapter={path}: no adapter_config.json there (expected a saved LoRA adapter)")
+        raise UserError(
+            f"adapter={path}: no adapter_config.json there (expected a saved LoRA adapter)"
+        )
     return PeftModel.from_pretrained(model, path)

@@ -36,7 +36,10 @@ def run(cfg: DictConfig) -> float:
     train_ex, val_ex = data.split(examples, cfg.data.val_size, cfg.data.split_seed)
     train_ex = train_ex[: cfg.train.train_rows] if cfg.train.train_rows else train_ex
     val_ex = val_ex[: cfg.train.eval_rows] if cfg.train.eval_rows else val_ex
-    write_atomic(out / "split.json", json.dumps({"train": [e.id for e in train_ex], "validation": [e.id for e in val_ex]}))
+    write_atomic(
+        out / "split.json",
+        json.dumps({"train": [e.id for e in train_ex], "validation": [e.id for e in val_ex]}),
+    )
     log.info("data %s: %d train / %d validation rows", cfg.data.path, len(train_ex), len(val_ex))
 
     # Model and prompts: the same builder for training rows and generation prompts.
@@ -61,7 +64,12 @@ def run(cfg: DictConfig) -> float:
 
     choices = _choices()
     run_name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.data.name}-{cfg.prompt.name}"
-    tags = {"model": cfg.model.name, "data": cfg.data.name, "output_dir": str(out.resolve()), **choices}
+    tags = {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "output_dir": str(out.resolve()),
+        **choices,
+    }
     params = OmegaConf.to_container(cfg, resolve=True)
     with tracking.run(cfg.tracking, uri, run_name, params, tags):
         lm = base
@@ -94,8 +102,11 @@ def run(cfg: DictConfig) -> float:
                 raise UserError("stages.predict_test=true needs data.test_path")
             test_ex = data.load(cfg.data, cfg.data.test_path, require_summary=False)
             preds = _generate(cfg, lm, tokenizer, test_ex, encode, stop_id)
-            write_csv(out / "submission.csv", ["", "fname", "summary"],
-                      [[i, ex.id, p] for i, (ex, p) in enumerate(zip(test_ex, preds))])
+            write_csv(
+                out / "submission.csv",
+                ["", "fname", "summary"],
+                [[i, ex.id, p] for i, (ex, p) in enumerate(zip(test_ex, preds))],
+            )
             tracking.log_artifact(out / "submission.csv")
             log.info("submission: %s (%d rows)", out / "submission.csv", len(preds))
         tracking.log_artifact(out / "config.yaml")
@@ -108,9 +119,14 @@ def evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[st
     preds = _generate(cfg, lm, tokenizer, val_ex, encode, stop_id)
     seconds = time.perf_counter() - start
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
-    scores = metrics.rouge(preds, [ex.summary for ex in val_ex], tok, cfg.metric.keep_special_tokens)
-    write_csv(path, ["fname", "prediction", "reference"],
-              [[ex.id, p, ex.summary] for ex, p in zip(val_ex, preds)])
+    scores = metrics.rouge(
+        preds, [ex.summary for ex in val_ex], tok, cfg.metric.keep_special_tokens
+    )
+    write_csv(
+        path,
+        ["fname", "prediction", "reference"],
+        [[ex.id, p, ex.summary] for ex, p in zip(val_ex, preds)],
+    )
     return {**scores, "generate_seconds_per_row": seconds / len(val_ex)}
 
 
@@ -133,11 +149,19 @@ def _choices() -> dict[str, str]:
 
     if not HydraConfig.initialized():
         return {}
-    return {f"choice.{k}": str(v) for k, v in HydraConfig.get().runtime.choices.items() if "hydra" not in k}
+    return {
+        f"choice.{k}": str(v)
+        for k, v in HydraConfig.get().runtime.choices.items()
+        if "hydra" not in k
+    }
 
 
 def _fmt(scores: dict) -> str:
-    return " ".join(f"{k}={v:.2f}" for k, v in scores.items() if k in metrics.ROUGE_TYPES + ("rouge_sum", "final"))
+    return " ".join(
+        f"{k}={v:.2f}"
+        for k, v in scores.items()
+        if k in metrics.ROUGE_TYPES + ("rouge_sum", "final")
+    )
 
 
 def _check_writable(path: Path) -> None:

@@ -29,7 +29,9 @@ def resolve_format(fmt: str, tokenizer) -> str:
     if fmt == "auto":
         return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise UserError("prompt.format=chat but this model's tokenizer has no chat template; use plain")
+        raise UserError(
+            "prompt.format=chat but this model's tokenizer has no chat template; use plain"
+        )
     if fmt not in ("plain", "chat"):
         raise UserError(f"prompt.format={fmt!r}: expected auto, plain or chat")
     return fmt
@@ -63,7 +65,12 @@ def build(
     if fmt == "plain":
         parts = [instruction, ""]
         for shot in shots:
-            parts += [input_label, clip_chars(shot.dialogue, max_chars), f"{output_label} {shot.summary}", ""]
+            parts += [
+                input_label,
+                clip_chars(shot.dialogue, max_chars),
+                f"{output_label} {shot.summary}",
+                "",
+            ]
         parts.append(input_label)
         prefix = "\n".join(parts) + "\n"
         return Prompt(prefix, dialogue, f"\n{output_label}")
@@ -72,7 +79,10 @@ def build(
     for i, shot in enumerate(shots):
         head = f"{instruction}\n\n" if i == 0 else ""
         messages.append(
-            {"role": "user", "content": f"{head}{input_label}\n{clip_chars(shot.dialogue, max_chars)}"}
+            {
+                "role": "user",
+                "content": f"{head}{input_label}\n{clip_chars(shot.dialogue, max_chars)}",
+            }
         )
         messages.append({"role": "assistant", "content": shot.summary})
     head = "" if shots else f"{instruction}\n\n"
@@ -122,7 +132,9 @@ class ShotSelector:
             # Seeded per row id: the same row gets the same examples in every run and trial.
             candidates = random.Random(f"{self.cfg.seed}:{target.id}").sample(self.pool, k + 1)
         else:
-            sims = (self._matrix @ self._vectorizer.transform([target.dialogue]).T).toarray().ravel()
+            sims = (
+                (self._matrix @ self._vectorizer.transform([target.dialogue]).T).toarray().ravel()
+            )
             order = sorted(range(len(self.pool)), key=lambda i: (-sims[i], i))[: k + 1]
             candidates = [self.pool[i] for i in order]
         return [ex for ex in candidates if ex.id != target.id][:k]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from transformers import TrainerCallback
 
@@ -111,7 +111,12 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 class MlflowMetrics(TrainerCallback):
     """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step."""
 
-    NAMES = {"loss": "train_loss", "eval_loss": "eval_loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+    NAMES = {
+        "loss": "train_loss",
+        "eval_loss": "eval_loss",
+        "learning_rate": "lr",
+        "grad_norm": "grad_norm",
+    }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}

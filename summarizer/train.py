@@ -32,7 +32,12 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
         labels[i, width - n :] = torch.tensor(r["labels"])
         mask[i, width - n :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "labels": labels,
+    }
 
 
 def completion_loss(model, batch: dict, num_items: int | torch.Tensor | None = None):
@@ -93,7 +98,9 @@ def resolve_checkpoint(path: str) -> str:
         return str(p)
     last = get_last_checkpoint(str(p)) if p.is_dir() else None
     if not last:
-        raise UserError(f"train.resume_from={path}: no checkpoint-N folder with trainer_state.json there")
+        raise UserError(
+            f"train.resume_from={path}: no checkpoint-N folder with trainer_state.json there"
+        )
     return last
 
 
@@ -107,7 +114,9 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         raise UserError(f"train.eval_strategy={cfg.eval_strategy!r}: expected steps, epoch or no")
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        precision = (
+            "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        )
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if on_gpu else "adamw_torch")
@@ -170,7 +179,9 @@ def fit(
     args = training_args(cfg, output_dir / "checkpoints")
     columns = ("input_ids", "labels")
     train_ds = Dataset.from_dict({c: [r[c] for r in train_rows] for c in columns})
-    eval_ds = Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns}) if eval_rows else None
+    eval_ds = (
+        Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns}) if eval_rows else None
+    )
     if args.eval_strategy != "no" and eval_ds is None:
         raise UserError("train.eval_strategy needs validation rows (data.val_size > 0)")
     extra = list(callbacks or []) + [StopOnNonFinite()]
@@ -190,7 +201,7 @@ def fit(
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     figures = {
-        "train_loss": float(result.training_loss),
+        "train_loss_avg": float(result.training_loss),
         "train_steps": int(result.global_step),
         "train_seconds": seconds,
         "train_tokens_per_second": trainer.tokens_seen / seconds if seconds else 0.0,

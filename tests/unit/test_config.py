@@ -62,5 +62,10 @@ def test_unknown_option_fails():
 
 def test_defaults_are_the_qlora_recipe():
     cfg = _compose(["output_dir=/tmp/x"])
-    assert (cfg.model.name, cfg.quant.method, cfg.lora.r, cfg.lora.alpha) == ("gemma3_270m", "nf4", 16, 32)
+    assert (cfg.model.name, cfg.quant.method, cfg.lora.r, cfg.lora.alpha) == (
+        "gemma3_270m",
+        "nf4",
+        16,
+        32,
+    )
     assert len(cfg.lora.target_modules) == 7 and cfg.train.lr == 2e-4

@@ -72,7 +72,7 @@ def test_split_is_seeded_disjoint_and_order_free():
     train, val = split(rows, 0.2, 42)
     assert len(val) == 32 and len(train) == 128
     assert not {r.id for r in train} & {r.id for r in val}
-    train2, val2 = split(list(reversed(rows)), 0.2, 42)
+    _, val2 = split(list(reversed(rows)), 0.2, 42)
     assert {r.id for r in val2} == {r.id for r in val}
     assert {r.id for r in split(rows, 0.2, 7)[1]} != {r.id for r in val}
     assert len(split(rows, 10, 42)[1]) == 10

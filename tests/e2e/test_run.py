@@ -1,0 +1,124 @@
+"""Slow tier: the real command line on the tiny model — train, generate, score, MLflow, submission."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model=tiny",
+    "quant=none",
+    "train=debug",
+    "train.max_steps=3",
+    "train.eval_steps=3",
+    "train.save_steps=3",
+    "train.max_length=384",
+    "generate.max_new_tokens=8",
+    "stages.predict_test=true",
+]
+
+
+def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SUMMARIZER_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "summarizer",
+        *overrides,
+        f"hydra.run.dir={tmp_path / name}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def runs(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(
+        experiment_names=["summarizer"], output_format="list", order_by=["start_time ASC"]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = run_cli(tmp, "train", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_train_generate_score_and_log(trained):
+    out = trained / "train"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    preds = list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))
+    assert len(preds) == 10 and set(preds[0]) == {"fname", "prediction", "reference"}
+    with open(out / "submission.csv", encoding="utf-8") as f:
+        sub = list(csv.reader(f))
+    assert sub[0] == ["", "fname", "summary"] and len(sub) == 21 and sub[1][:2] == ["0", "test_0"]
+    (run,) = runs(trained)
+    assert run.info.status == "FINISHED"
+    for key in (
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rouge_sum",
+        "final",
+        "final_train_loss_avg",
+        "eval_loss",
+    ):
+        assert key in run.data.metrics, key
+    assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny"
+    assert run.data.tags["choice.model"] == "tiny"
+    client = mlflow.MlflowClient()
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "predictions.csv", "submission.csv", "config.yaml", "split.json"} <= top
+    adapter = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_config.json" in adapter
+
+
+def test_evaluate_a_saved_adapter_reproduces_the_scores(trained):
+    proc = run_cli(
+        trained,
+        "eval",
+        *TINY,
+        "stages.train=false",
+        f"adapter={trained / 'train' / 'adapter'}",
+        "stages.predict_test=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = runs(trained)[:2]
+    assert second.data.metrics["rouge_sum"] == pytest.approx(first.data.metrics["rouge_sum"])
+    assert (trained / "train" / "predictions.csv").read_text() == (
+        trained / "eval" / "predictions.csv"
+    ).read_text()
+
+
+def test_user_errors_are_one_line_and_fail_the_run(tmp_path):
+    proc = run_cli(tmp_path, "missing", *TINY, "data.path=nowhere.csv")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: data file not found: nowhere.csv"
+
+    proc = run_cli(tmp_path, "badlr", *TINY, "train.lr=-0.1")
+    assert (
+        proc.returncode == 2 and "train.lr=-0.1 must be > 0" in proc.stderr.strip().splitlines()[-1]
+    )
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+
+
+def test_gpu_preset_on_cpu_fails_fast(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run_cli(tmp_path, "solar", "model=solar", "lora.r=32")
+    assert proc.returncode == 2
+    assert "model=solar needs a CUDA GPU" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from summarizer.config import GenerateConfig, ModelConfig, QuantConfig
+from summarizer.errors import UserError
+from summarizer.generate import NewlineAfterText, clean, summaries
+from summarizer.model import build_model, stop_token_id
+
+
+def test_clean_keeps_the_first_line():
+    assert clean("\n 요약문입니다.\n#Person1#: 다음", True) == "요약문입니다."
+    assert clean(" a\nb ", False) == "a\nb"
+
+
+def test_newline_stop_waits_for_text(tiny):
+    _, tok = tiny
+    prompt = tok("요약:", add_special_tokens=False)["input_ids"]
+    crit = NewlineAfterText(tok, len(prompt))
+    only_newline = torch.tensor([prompt + tok("\n", add_special_tokens=False)["input_ids"]])
+    text_then_newline = torch.tensor(
+        [prompt + tok("\n안녕\n", add_special_tokens=False)["input_ids"]]
+    )
+    assert not crit(only_newline, None)[0]
+    assert crit(text_then_newline, None)[0]
+
+
+def test_generation_keeps_input_order_and_length(tiny):
+    model, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in ["짧다", "조금 더 긴 입력 문장입니다", "중간 길이"]]
+    cfg = GenerateConfig(batch_size=2, max_new_tokens=4, stop_at_newline=False)
+    out = summaries(cfg, model, tok, prompts, [tok.eos_token_id])
+    assert len(out) == 3
+    # Each prompt alone gives the same text as in a padded batch (greedy, left padding).
+    alone = [summaries(cfg, model, tok, [p], [tok.eos_token_id])[0] for p in prompts]
+    assert out == alone
+
+
+def test_hub_preset_without_gpu_names_the_local_preset():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = ModelConfig(name="solar", source="hub", path="upstage/x", requires_gpu=True)
+    with pytest.raises(UserError, match="model=solar needs a CUDA GPU.*model=gemma3_270m"):
+        build_model(cfg, QuantConfig(), "/tmp")
+
+
+def test_hub_model_without_hub_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(name="nohub", source="hub", path="no-such-org/no-such-model")
+    with pytest.raises(UserError, match="cannot load 'no-such-org/no-such-model'") as err:
+        build_model(cfg, QuantConfig(), "/tmp")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_local_folder_and_package(tmp_path):
+    with pytest.raises(UserError, match="folder not found"):
+        build_model(
+            ModelConfig(name="l", source="local", path=str(tmp_path / "x")), QuantConfig(), "/tmp"
+        )
+    cfg = ModelConfig(name="g", source="gguf", gguf_package="no_such_pkg", gguf_file="m.gguf")
+    with pytest.raises(UserError, match="'no_such_pkg' is not installed"):
+        build_model(cfg, QuantConfig(), "/tmp")
+
+
+def test_stop_token_must_exist(tiny):
+    _, tok = tiny
+    assert stop_token_id(ModelConfig(name="t"), tok) == tok.eos_token_id
+    with pytest.raises(UserError, match="stop_token"):
+        stop_token_id(ModelConfig(name="t", stop_token="<|nope|>"), tok)

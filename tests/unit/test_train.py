@@ -1,0 +1,98 @@
+"""Collation and the completion-tail loss: equal to the model's own full-logits loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from summarizer.config import LoraConfig, TrainConfig
+from summarizer.errors import UserError
+from summarizer.model import add_lora
+from summarizer.prompt import IGNORE_INDEX
+from summarizer.train import collate, completion_loss, resolve_checkpoint, training_args
+
+ROWS = [
+    {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE_INDEX] * 3 + [8, 9]},
+    {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+]
+
+
+def test_collate_left_pads_with_real_positions():
+    b = collate(ROWS, pad_token_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [0, 0, 5, 6, 7]]
+    assert b["attention_mask"].tolist() == [[1] * 5, [0, 0, 1, 1, 1]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    assert b["labels"][1].tolist() == [IGNORE_INDEX] * 3 + [6, 7]
+
+
+def test_completion_loss_matches_full_logits_loss(tiny):
+    model, _ = tiny
+    torch.manual_seed(0)
+    rows = []
+    for n_prompt, n_completion in [(30, 5), (12, 9), (20, 1)]:
+        ids = torch.randint(4, 1000, (n_prompt + n_completion,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    batch = collate(rows, pad_token_id=0)
+    with torch.no_grad():
+        fast, out = completion_loss(model, batch)
+        full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert out.logits.shape[1] == 10  # longest completion (9) + 1, not the 35-token width
+    shift_logits, shift_labels = full[:, :-1], batch["labels"][:, 1:]
+    ref = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_lora_wraps_all_seven_projections(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    peft = add_lora(model, LoraConfig(r=4, alpha=8), gradient_checkpointing=False)
+    names = {
+        n.split(".")[-4] for n, p in peft.named_parameters() if p.requires_grad and "lora_A" in n
+    }
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize(
+    "lora,message",
+    [(LoraConfig(r=0), "lora.r=0"), (LoraConfig(target_modules=["c_attn"]), "lora.target_modules")],
+)
+def test_bad_lora_settings(tiny, lora, message):
+    import copy
+
+    with pytest.raises(UserError, match=message):
+        add_lora(copy.deepcopy(tiny[0]), lora, gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"lr": 0.0}, "train.lr=0.0 must be > 0"),
+        ({"lr": -1e-4}, "train.lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"eval_strategy": "sometimes"}, "eval_strategy"),
+        ({"save_steps": 15, "eval_steps": 10}, "multiple of train.eval_steps"),
+        ({"precision": "fp8"}, "train.precision"),
+    ],
+)
+def test_bad_train_settings(tmp_path, changes, message):
+    with pytest.raises(UserError, match=message):
+        training_args(TrainConfig(**changes), tmp_path)
+
+
+def test_cpu_defaults(tmp_path):
+    args = training_args(TrainConfig(), tmp_path)
+    assert (args.bf16, args.fp16, args.optim.value) == (False, False, "adamw_torch")
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint-N folder"):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    assert resolve_checkpoint(str(tmp_path)).endswith("checkpoint-7")
