@@ -122,3 +122,36 @@ def test_gpu_preset_on_cpu_fails_fast(tmp_path):
     proc = run_cli(tmp_path, "solar", "model=solar", "lora.r=32")
     assert proc.returncode == 2
     assert "model=solar needs a CUDA GPU" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_merge_gives_the_same_model(trained, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from summarizer.errors import UserError
+    from summarizer.merge import merge
+    from summarizer.model import build_model, load_adapter
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("SUMMARIZER_CACHE", str(trained / "cache"))
+    adapter = trained / "train" / "adapter"
+    out = merge(adapter, trained / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(trained / "train" / "config.yaml")
+    from summarizer.config import ModelConfig, QuantConfig
+
+    base, tok = build_model(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model),
+        QuantConfig(),
+        str(trained / "cache"),
+    )
+    peft = load_adapter(base, str(adapter))
+    ids = tok("#Person1#: 안녕하세요", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
+        with peft.disable_adapter():  # training moved the weights: merging is not a no-op
+            assert not torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-6)
+    with pytest.raises(UserError, match="already exists"):
+        merge(adapter, out)

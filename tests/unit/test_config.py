@@ -69,3 +69,9 @@ def test_defaults_are_the_qlora_recipe():
         32,
     )
     assert len(cfg.lora.target_modules) == 7 and cfg.train.lr == 2e-4
+
+
+def test_experiment_overrides_the_top_level_defaults():
+    cfg = _compose(["experiment=cpu_demo", "output_dir=/tmp/x"])
+    assert cfg.stages.predict_test is True and cfg.quant.method == "none"
+    assert cfg.train.max_steps == 16 and cfg.tracking.run_name == "cpu_demo"
