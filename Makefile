@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run zero-shot test test-fast test-slow lint format mlflow-ui clean
+.PHONY: help install run zero-shot sweep sweep-report test test-fast test-slow lint format mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,13 @@ run: $(STAMP) ## the default job: train Gemma 3 270M on the Korean sample, score
 
 zero-shot: $(STAMP) ## the same model and validation rows without training, for comparison
 	$(PY) -m summarizer experiment=cpu_demo stages.train=false stages.predict_test=false tracking.run_name=cpu_demo-zero-shot $(ARGS)
+
+SWEEP ?= tiny_cpu
+sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=gemma_ko
+	$(PY) -m summarizer --multirun sweep=$(SWEEP) $(ARGS)
+
+sweep-report: $(STAMP) ## regenerate plots + best-trial summary of a sweep (multirun/$(SWEEP)/report, MLflow)
+	$(PY) -m summarizer.report $(SWEEP) $(ARGS)
 
 test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
 	$(PY) -m pytest -q $(ARGS)

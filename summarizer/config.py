@@ -7,10 +7,12 @@ model is loaded. Modules below `pipeline` take these dataclasses (or plain value
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -183,6 +185,27 @@ class StagesConfig:
 
 
 @dataclass
+class PrunerConfig:
+    name: str = "none"  # none | median | percentile | hyperband
+    n_startup_trials: int = 4  # median/percentile: trials that finish before any pruning
+    n_warmup_steps: int = 0  # median/percentile: training steps before a trial may be pruned
+    percentile: float = 50.0  # percentile: prune below this percentile of earlier trials
+    min_resource: int = 1  # hyperband: the smallest budget (evaluations) a trial gets
+    reduction_factor: int = 3  # hyperband
+
+
+@dataclass
+class TrialConfig:
+    """Set by the sweeper for each trial job; empty outside sweeps."""
+
+    storage: str | None = None  # Optuna RDB URL of the study
+    study: str | None = None
+    number: int | None = None  # the trial this job runs
+    parent_run_id: str | None = None  # MLflow run of the sweep (this job's run nests under it)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -195,6 +218,7 @@ class Config:
     metric: MetricConfig = field(default_factory=MetricConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
     adapter: str | None = None  # a trained adapter folder to evaluate (with stages.train=false)
     cache_dir: str = "~/.cache/summarizer"  # local HF copies of GGUF models, tiny tokenizer
     output_dir: str = MISSING  # the run's folder (Hydra's run dir by default)
@@ -202,3 +226,6 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    # ${mul:${lora.r},2} ties lora.alpha to the rank in sweeps.
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda *xs: functools.reduce(operator.mul, xs))

@@ -6,19 +6,18 @@ validation split. Every file a run writes lands in `cfg.output_dir` (a fresh fol
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 
+import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from summarizer import data, generate, metrics, model, prompt, tracking, train
+from summarizer import data, generate, metrics, model, prompt, sweep, tracking, train
 from summarizer.errors import UserError
+from summarizer.files import write_atomic, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float:
     out = Path(cfg.output_dir)
     _check_writable(out)
-    launch_dir = Path.cwd()
-    uri = tracking.resolve_uri(cfg.tracking.uri, launch_dir)
+    uri = tracking.resolve_uri(cfg.tracking.uri, Path.cwd())
     tracking.preflight(cfg.tracking, uri)  # fail before hours of training, not after
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -36,10 +34,8 @@ def run(cfg: DictConfig) -> float:
     train_ex, val_ex = data.split(examples, cfg.data.val_size, cfg.data.split_seed)
     train_ex = train_ex[: cfg.train.train_rows] if cfg.train.train_rows else train_ex
     val_ex = val_ex[: cfg.train.eval_rows] if cfg.train.eval_rows else val_ex
-    write_atomic(
-        out / "split.json",
-        json.dumps({"train": [e.id for e in train_ex], "validation": [e.id for e in val_ex]}),
-    )
+    split_ids = {"train": [e.id for e in train_ex], "validation": [e.id for e in val_ex]}
+    write_atomic(out / "split.json", json.dumps(split_ids))
     log.info("data %s: %d train / %d validation rows", cfg.data.path, len(train_ex), len(val_ex))
 
     # Model and prompts: the same builder for training rows and generation prompts.
@@ -62,55 +58,59 @@ def run(cfg: DictConfig) -> float:
             row_id=ex.id,
         )
 
-    choices = _choices()
+    # Tracking: one MLflow run; inside a sweep it nests under the sweep's run and reports to Optuna.
+    trial = sweep.attach(cfg.trial)
     run_name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.data.name}-{cfg.prompt.name}"
-    tags = {
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "output_dir": str(out.resolve()),
-        **choices,
-    }
+    tags = {"model": cfg.model.name, "data": cfg.data.name, "output_dir": str(out.resolve())}
+    tags.update(_choices())
+    if trial:
+        run_name = f"{cfg.trial.study}-trial-{trial.number}"
+        tags.update({"optuna.study": cfg.trial.study, "optuna.trial": str(trial.number)})
+    callbacks = [tracking.MlflowMetrics()] + ([sweep.ReportToTrial(trial)] if trial else [])
     params = OmegaConf.to_container(cfg, resolve=True)
-    with tracking.run(cfg.tracking, uri, run_name, params, tags):
-        lm = base
-        if cfg.stages.train:
-            train_rows = [encode(ex, True) for ex in train_ex]
-            eval_rows = [encode(ex, True) for ex in val_ex]
-            _log_truncation("training", train_rows + eval_rows)
-            lm = model.add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
-            figures = train.fit(
-                cfg.train, lm, tokenizer, train_rows, eval_rows, out, [tracking.MlflowMetrics()]
-            )
-            tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
-            lm.save_pretrained(out / "adapter")
-            tokenizer.save_pretrained(out / "adapter")
-            if cfg.tracking.log_adapter:
-                tracking.log_artifact(out / "adapter")
-        elif cfg.adapter:
-            lm = model.load_adapter(base, cfg.adapter)
+    parent = cfg.trial.parent_run_id
+    try:
+        with tracking.run(
+            cfg.tracking, uri, run_name, params, tags, parent, (optuna.TrialPruned,)
+        ) as r:
+            if r:
+                write_atomic(out / "mlflow_run_id", r.info.run_id)
+            lm = base
+            if cfg.stages.train:
+                train_rows = [encode(ex, True) for ex in train_ex]
+                eval_rows = [encode(ex, True) for ex in val_ex]
+                _log_truncation("training", train_rows + eval_rows)
+                lm = model.add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
+                figures = train.fit(cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks)
+                tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
+                lm.save_pretrained(out / "adapter")
+                tokenizer.save_pretrained(out / "adapter")
+                if cfg.tracking.log_adapter:
+                    tracking.log_artifact(out / "adapter")
+            elif cfg.adapter:
+                lm = model.load_adapter(base, cfg.adapter)
 
-        objective = float("nan")
-        if cfg.stages.evaluate:
-            scores = evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, out / "predictions.csv")
-            tracking.log_metrics(scores)
-            tracking.log_artifact(out / "predictions.csv")
-            log.info("validation ROUGE (%s): %s", cfg.metric.tokenizer, _fmt(scores))
-            objective = scores["rouge_sum"]
+            objective, scores = float("nan"), {}
+            if cfg.stages.evaluate:
+                scores = evaluate(
+                    cfg, lm, tokenizer, val_ex, encode, stop_id, out / "predictions.csv"
+                )
+                tracking.log_metrics(scores)
+                tracking.log_artifact(out / "predictions.csv")
+                log.info("validation ROUGE (%s): %s", cfg.metric.tokenizer, _fmt(scores))
+                objective = scores["rouge_sum"]
 
-        if cfg.stages.predict_test:
-            if not cfg.data.test_path:
-                raise UserError("stages.predict_test=true needs data.test_path")
-            test_ex = data.load(cfg.data, cfg.data.test_path, require_summary=False)
-            preds = _generate(cfg, lm, tokenizer, test_ex, encode, stop_id)
-            write_csv(
-                out / "submission.csv",
-                ["", "fname", "summary"],
-                [[i, ex.id, p] for i, (ex, p) in enumerate(zip(test_ex, preds))],
-            )
-            tracking.log_artifact(out / "submission.csv")
-            log.info("submission: %s (%d rows)", out / "submission.csv", len(preds))
-        tracking.log_artifact(out / "config.yaml")
-        tracking.log_artifact(out / "split.json")
+            if cfg.stages.predict_test:
+                predict_test(cfg, lm, tokenizer, encode, stop_id, out / "submission.csv")
+                tracking.log_artifact(out / "submission.csv")
+            tracking.log_artifact(out / "config.yaml")
+            tracking.log_artifact(out / "split.json")
+    except optuna.TrialPruned as e:
+        log.info("%s", e)
+        sweep.write_result(out, "PRUNED", None)
+        return float("nan")
+    adapter = str((out / "adapter").resolve()) if cfg.stages.train else cfg.adapter
+    sweep.write_result(out, "COMPLETE", objective, metrics=scores, adapter=adapter)
     return objective
 
 
@@ -119,15 +119,22 @@ def evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[st
     preds = _generate(cfg, lm, tokenizer, val_ex, encode, stop_id)
     seconds = time.perf_counter() - start
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
-    scores = metrics.rouge(
-        preds, [ex.summary for ex in val_ex], tok, cfg.metric.keep_special_tokens
-    )
-    write_csv(
-        path,
-        ["fname", "prediction", "reference"],
-        [[ex.id, p, ex.summary] for ex, p in zip(val_ex, preds)],
-    )
+    refs = [ex.summary for ex in val_ex]
+    scores = metrics.rouge(preds, refs, tok, cfg.metric.keep_special_tokens)
+    rows = [[ex.id, p, ex.summary] for ex, p in zip(val_ex, preds)]
+    write_csv(path, ["fname", "prediction", "reference"], rows)
     return {**scores, "generate_seconds_per_row": seconds / len(val_ex)}
+
+
+def predict_test(cfg, lm, tokenizer, encode, stop_id, path: Path) -> None:
+    """Summaries for data.test_path in the competition's format (`,fname,summary`)."""
+    if not cfg.data.test_path:
+        raise UserError("stages.predict_test=true needs data.test_path")
+    test_ex = data.load(cfg.data, cfg.data.test_path, require_summary=False)
+    preds = _generate(cfg, lm, tokenizer, test_ex, encode, stop_id)
+    rows = [[i, ex.id, p] for i, (ex, p) in enumerate(zip(test_ex, preds))]
+    write_csv(path, ["", "fname", "summary"], rows)
+    log.info("submission: %s (%d rows)", path, len(rows))
 
 
 def _generate(cfg, lm, tokenizer, rows, encode, stop_id) -> list[str]:
@@ -149,19 +156,15 @@ def _choices() -> dict[str, str]:
 
     if not HydraConfig.initialized():
         return {}
-    return {
-        f"choice.{k}": str(v)
-        for k, v in HydraConfig.get().runtime.choices.items()
-        if "hydra" not in k
-    }
+    hc = HydraConfig.get()
+    tags = {f"choice.{k}": str(v) for k, v in hc.runtime.choices.items() if "hydra" not in k}
+    tags["overrides"] = " ".join(hc.overrides.task)[:5000]
+    return tags
 
 
 def _fmt(scores: dict) -> str:
-    return " ".join(
-        f"{k}={v:.2f}"
-        for k, v in scores.items()
-        if k in metrics.ROUGE_TYPES + ("rouge_sum", "final")
-    )
+    keys = (*metrics.ROUGE_TYPES, "rouge_sum", "final")
+    return " ".join(f"{k}={scores[k]:.2f}" for k in keys)
 
 
 def _check_writable(path: Path) -> None:
@@ -171,20 +174,3 @@ def _check_writable(path: Path) -> None:
             pass
     except OSError as e:
         raise UserError(f"output_dir={path} is not writable ({e.strerror})") from e
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_atomic(path, buf.getvalue())

@@ -67,25 +67,39 @@ def preflight(cfg: TrackingConfig, uri: str) -> None:
 
 
 @contextlib.contextmanager
-def run(cfg: TrackingConfig, uri: str, run_name: str, params: dict, tags: dict) -> Iterator:
-    """An MLflow run for the job, ended FAILED (or KILLED on Ctrl-C) when the body raises."""
+def run(
+    cfg: TrackingConfig,
+    uri: str,
+    run_name: str,
+    params: dict,
+    tags: dict,
+    parent_run_id: str | None = None,
+    killed_by: tuple[type[BaseException], ...] = (),
+) -> Iterator:
+    """An MLflow run for the job, ended FAILED when the body raises, KILLED on Ctrl-C or on one of
+    `killed_by` (a pruned sweep trial). `parent_run_id` nests it under a sweep's run, across
+    processes. Tag `state` says COMPLETE, PRUNED or FAIL, as Optuna would."""
     if not cfg.enabled:
         yield None
         return
     import mlflow
 
     preflight(cfg, uri)
-    with mlflow.start_run(run_name=run_name, tags=tags) as active:
+    if parent_run_id:
+        tags = {**tags, "mlflow.parentRunId": parent_run_id}
+    with mlflow.start_run(run_name=run_name, tags={**tags, "state": "RUNNING"}) as active:
         try:
-            params = flatten(params)
-            items = list(params.items())
+            items = list(flatten(params).items())
             for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per call
                 mlflow.log_params(dict(items[i : i + 100]))
             yield active
-        except KeyboardInterrupt:
+            mlflow.set_tag("state", "COMPLETE")
+        except (KeyboardInterrupt, *killed_by) as e:
+            mlflow.set_tag("state", "FAIL" if isinstance(e, KeyboardInterrupt) else "PRUNED")
             mlflow.end_run(status="KILLED")
             raise
         except BaseException:
+            mlflow.set_tag("state", "FAIL")
             mlflow.end_run(status="FAILED")
             raise
 
@@ -122,3 +136,37 @@ class MlflowMetrics(TrainerCallback):
         metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
         if metrics:
             log_metrics(metrics, step=state.global_step)
+
+
+def parent_run(uri: str, experiment: str, study: str, storage: str) -> str:
+    """The MLflow run of a sweep: the existing one for this study (a resumed sweep), else a new one."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.set_experiment(experiment)
+    client = MlflowClient(uri)
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.role` = 'parent'",
+        max_results=1,
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(
+        exp.experiment_id,
+        run_name=f"sweep-{study}",
+        tags={"sweep.study": study, "sweep.role": "parent", "sweep.storage": storage},
+    )
+    return run.info.run_id
+
+
+def end_run_if_running(uri: str, run_id: str, status: str, state: str) -> None:
+    """Close a trial's run whose process died before it could (SIGKILL, OOM killer)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "state", state)
+        client.set_terminated(run_id, status=status)

@@ -11,7 +11,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ["model", "lora", "quant", "prompt", "augmentation", "data", "train", "experiment"]
+GROUPS = [
+    "model",
+    "lora",
+    "quant",
+    "prompt",
+    "augmentation",
+    "data",
+    "train",
+    "experiment",
+    "sweep",
+]
 
 
 def options(group: str) -> list[str]:
@@ -30,7 +40,7 @@ def test_every_option_composes_and_resolves(group, option):
     cfg = _compose([f"{group}={option}", "output_dir=/tmp/x"])
     container = OmegaConf.to_container(cfg, resolve=True)
     assert container["model"]["name"]
-    if group not in ("experiment",):
+    if group not in ("experiment", "sweep"):
         assert cfg[group].get("name", option) == option or group == "lora"
 
 

@@ -1,0 +1,145 @@
+"""Sweep report: best-trial summary and Optuna's plots, written to a folder and to the sweep's
+parent MLflow run. Runs at the end of every sweep; `make sweep-report SWEEP=<name>` regenerates it.
+
+    python -m summarizer.report <study> [--storage sqlite:///multirun/optuna.db] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from summarizer.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+PLOTS = {
+    "optimization_history": optuna.visualization.plot_optimization_history,
+    "param_importances": optuna.visualization.plot_param_importances,
+    "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
+    "slice": optuna.visualization.plot_slice,
+    "intermediate_values": optuna.visualization.plot_intermediate_values,
+}
+
+
+def summary(study: optuna.Study) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    out = {
+        "study": study.study_name,
+        "direction": study.direction.name,
+        "trials": states,
+        "best": None,
+    }
+    if done:
+        best = study.best_trial
+        result_file = Path(best.user_attrs.get("output_dir", "")) / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        out["best"] = {
+            "number": best.number,
+            "value": best.value,
+            "params": best.params,
+            "overrides": best.user_attrs.get("overrides"),
+            "output_dir": best.user_attrs.get("output_dir"),
+            "adapter": result.get("adapter"),
+            "metrics": result.get("metrics", {}),
+        }
+    out["all"] = [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
+        for t in trials
+    ]
+    return out
+
+
+def report(
+    study: optuna.Study,
+    out_dir: Path,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    finished: bool = True,
+) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = summary(study)
+    write_atomic(out_dir / "summary.json", json.dumps(info, indent=2, ensure_ascii=False))
+    n_complete = info["trials"].get("COMPLETE", 0)
+    written = ["summary.json"]
+    for name, plot in PLOTS.items():
+        if n_complete < (2 if name == "param_importances" else 1):
+            continue  # importances need two finished trials
+        try:
+            fig = plot(study)
+        except (ValueError, RuntimeError) as e:  # e.g. a single-valued parameter
+            log.info("plot %s skipped: %s", name, e)
+            continue
+        # Small files: plotly.js comes from its CDN when the page is opened.
+        write_atomic(out_dir / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
+        written.append(f"{name}.html")
+    if tracking_uri and parent_run_id:
+        _to_mlflow(tracking_uri, parent_run_id, info, out_dir, finished)
+    log.info("sweep report: %s (%s)", out_dir, ", ".join(written))
+    return info
+
+
+def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, finished: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for state, n in info["trials"].items():
+        client.log_metric(run_id, f"trials_{state.lower()}", n)
+    best = info["best"]
+    if best:
+        client.log_metric(run_id, "best_value", best["value"])
+        for k, v in best["metrics"].items():
+            client.log_metric(run_id, f"best_{k}", v)
+        client.set_tag(run_id, "best.trial", str(best["number"]))
+        client.set_tag(run_id, "best.overrides", best["overrides"] or "")
+        client.set_tag(run_id, "best.adapter", best["adapter"] or "")
+    client.log_artifacts(run_id, str(out_dir), artifact_path="report")
+    client.set_terminated(run_id, status="FINISHED" if finished else "KILLED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from summarizer.sweeper import resolve_storage
+    from summarizer.tracking import resolve_uri
+
+    p = argparse.ArgumentParser(
+        prog="python -m summarizer.report", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("study", help="the sweep's study name (its sweep config's name)")
+    p.add_argument("--storage", default="sqlite:///multirun/optuna.db")
+    p.add_argument("--out", type=Path, default=None, help="default: multirun/<study>/report")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--experiment", default="summarizer")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    url = resolve_storage(args.storage, Path.cwd())
+    try:
+        study = optuna.load_study(study_name=args.study, storage=url)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+        print(f"error: no study {args.study!r} in {url} (studies: {names})", file=sys.stderr)
+        return 2
+    uri = resolve_uri(args.tracking_uri, Path.cwd())
+    from summarizer.tracking import parent_run
+
+    parent = parent_run(uri, args.experiment, args.study, url)
+    done = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials
+    )
+    info = report(
+        study, args.out or Path("multirun") / args.study / "report", uri, parent, finished=done > 0
+    )
+    best = info["best"]
+    print(json.dumps(best, indent=2, ensure_ascii=False) if best else "no finished trial yet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
