@@ -112,27 +112,28 @@ def open_study(
 
 
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int) -> bool:
-    """Queue a cut-off trial's parameters again (so the rerun loses nothing)."""
-    root = trial.user_attrs.get(RETRY_OF, trial.number)
-    tries = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(RETRY_OF) == root)
-    if tries >= max_retries or not trial.params:
+    """Queue a cut-off trial's parameters again, so that a rerun loses nothing. The new trial's
+    RETRY_OF names the trial it repeats; a chain longer than max_retries is not extended."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    depth, cur = 0, trial
+    while RETRY_OF in cur.user_attrs and cur.user_attrs[RETRY_OF] in by_number:
+        depth, cur = depth + 1, by_number[cur.user_attrs[RETRY_OF]]
+    if depth >= max_retries or not trial.params:
         return False
-    study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: root})
+    study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
     return True
 
 
 def tally(study: optuna.Study) -> tuple[int, int, int]:
-    """(done, running, waiting): done counts COMPLETE, PRUNED and FAILED trials not re-queued."""
+    """(done, running, waiting). Done: COMPLETE, PRUNED, and FAIL unless re-queued (a retry names it)."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials} - {None}
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     done = running = waiting = 0
     for t in trials:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
         elif t.state == TrialState.FAIL:
-            root = t.user_attrs.get(RETRY_OF, t.number)
-            # An interrupted trial counts only when its retries are used up.
-            done += not (t.user_attrs.get(INTERRUPTED) and (root in retried or t.number in retried))
+            done += t.number not in retried
         elif t.state == TrialState.RUNNING:
             running += 1
         elif t.state == TrialState.WAITING:
@@ -158,6 +159,8 @@ class SummarizerSweeper(Sweeper):
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.procs: dict[int, subprocess.Popen] = {}
+        self.told: set[int] = set()  # trials whose outcome was told
+        self.errors: list[Exception] = []
         self.me = f"{socket.gethostname()}:{os.getpid()}"
 
     def setup(
@@ -228,21 +231,33 @@ class SummarizerSweeper(Sweeper):
         self._finish(interrupted)
         if interrupted:
             raise KeyboardInterrupt
+        if self.errors:
+            raise self.errors[0]
         return []
 
     def _worker(self, gpu: int | None) -> None:
         while not self.stop.is_set():
-            with self.lock, warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
-                done, running, _waiting = tally(self.study)
-                if done + running >= self.conf.n_trials:
-                    return
-                trial = self.study.ask()
-                for name, dist in self.space.items():
-                    trial._suggest(name, dist)  # fixed values for re-queued trials
-                trial.set_user_attr(WORKER, self.me)
-            self._run_trial(trial, gpu)
+            trial = None
+            try:
+                with self.lock, warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(self.study)
+                    done, running, _ = tally(self.study)
+                    if done + running >= self.conf.n_trials:
+                        return
+                    trial = self.study.ask()
+                    for name, dist in self.space.items():
+                        trial._suggest(name, dist)  # fixed values for re-queued trials
+                    trial.set_user_attr(WORKER, self.me)
+                self._run_trial(trial, gpu)
+            except Exception as e:  # a sweeper bug or a storage error: stop, leave nothing RUNNING
+                log.error("worker stopped: %s: %s", type(e).__name__, e)
+                self.errors.append(e)
+                self.stop.set()
+                if trial is not None and trial.number not in self.told:
+                    with self.lock:
+                        self.study.tell(trial, state=TrialState.FAIL)
+                return
 
     def _run_trial(self, trial: optuna.Trial, gpu: int | None) -> None:
         overrides = [f"{k}={v}" for k, v in trial.params.items()]
@@ -303,9 +318,12 @@ class SummarizerSweeper(Sweeper):
 
         result = read_result(out) if returncode == 0 else None
         with self.lock:
+            self.told.add(trial.number)
             if self.stop.is_set() and result is None:
+                trial.set_user_attr(INTERRUPTED, True)
                 self.study.tell(trial, state=TrialState.FAIL)
-                self._mark_interrupted(trial.number)
+                self._requeue(trial.number)
+                self._mlflow_fail(out, status="KILLED")
                 log.info("trial %d interrupted; re-queued for the next run", trial.number)
             elif result and result.get("state") == "PRUNED":
                 self.study.tell(trial, state=TrialState.PRUNED)
@@ -323,21 +341,13 @@ class SummarizerSweeper(Sweeper):
                     out / "job.log",
                 )
 
-    def _mark_interrupted(self, number: int) -> None:
-        frozen = self.study._storage.get_trial(
-            self.study._storage.get_trial_id_from_study_id_trial_number(
-                self.study._study_id, number
-            )
-        )
-        self.study._storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED, True)
-        requeue(self.study, frozen, self.conf.max_retries)
-        out = Path(frozen.user_attrs.get("output_dir", ""))
-        if out.name:
-            self._mlflow_fail(out, status="KILLED")
+    def _requeue(self, number: int) -> None:
+        storage = self.study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        requeue(self.study, storage.get_trial(trial_id), self.conf.max_retries)
 
     def _on_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna's failed-trial callback for a stale heartbeat: the worker died; run it again."""
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         requeue(study, trial, self.conf.max_retries)
         log.warning("trial %d lost its worker (no heartbeat); re-queued", trial.number)
 
@@ -349,11 +359,15 @@ class SummarizerSweeper(Sweeper):
             worker = t.user_attrs.get(WORKER, "")
             w_host, _, pid = worker.rpartition(":")
             if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                self.study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
                 try:
                     self.study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
-                self._mark_interrupted(t.number)
+                self._requeue(t.number)
+                out = Path(t.user_attrs.get("output_dir", ""))
+                if out.name:
+                    self._mlflow_fail(out, status="KILLED")
                 log.warning("trial %d was left running by a dead sweeper; re-queued", t.number)
 
     def _terminate_all(self) -> None:

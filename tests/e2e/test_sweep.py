@@ -1,0 +1,126 @@
+"""Slow tier: the tiny CPU sweep for real — parallel trials, a failing trial, pruning, MLflow
+parent/child runs, the report, resume to n_trials, and Ctrl-C then resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from summarizer.sweeper import RETRY_OF, resolve_storage
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_cmd(tmp_path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "summarizer",
+        "--multirun",
+        "sweep=tiny_cpu",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        *overrides,
+    ]
+
+
+def env(tmp_path) -> dict:
+    return {**os.environ, "SUMMARIZER_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+
+
+def run_sweep(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        sweep_cmd(tmp_path, *overrides),
+        cwd=ROOT,
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def study(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="tiny_cpu", storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def runs(tmp_path) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(experiment_names=["summarizer"], output_format="list")
+
+
+def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
+    url = resolve_storage(f"sqlite:///{tmp_path}/optuna.db", tmp_path)
+    s = optuna.create_study(study_name="tiny_cpu", storage=url, direction="maximize")
+    # Queued first: a trial that fails (bad lr), a good one, and one whose tiny lr leaves its eval
+    # loss above the good trial's, which the median pruner then stops.
+    s.enqueue_trial({"lora.r": 8, "train.lr": -1.0, "prompt.fewshot.k": 0})
+    s.enqueue_trial({"lora.r": 8, "train.lr": 5e-3, "prompt.fewshot.k": 0})
+    s.enqueue_trial({"lora.r": 8, "train.lr": 1e-7, "prompt.fewshot.k": 0})
+    space = "train.lr=choice(-1.0,5e-3,1e-7)"  # a command-line search space replaces the file's
+    pruner = ["trial.pruner.n_startup_trials=1", "trial.pruner.n_warmup_steps=0"]
+    run_sweep(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1", space, *pruner)
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[2].intermediate_values  # reported -eval_loss before being pruned
+
+    by_trial = {r.data.tags.get("optuna.trial"): r for r in runs(tmp_path)}
+    parent = by_trial.pop(None)
+    assert parent.data.tags["sweep.role"] == "parent" and parent.info.status == "FINISHED"
+    assert {k: (r.info.status, r.data.tags["state"]) for k, r in by_trial.items()} == {
+        "0": ("FAILED", "FAIL"),
+        "1": ("FINISHED", "COMPLETE"),
+        "2": ("KILLED", "PRUNED"),
+    }
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_trial.values())
+    assert parent.data.tags["best.trial"] == "1" and "best_rouge_sum" in parent.data.metrics
+    report = tmp_path / "sweep" / "report"
+    assert (report / "summary.json").is_file() and (report / "optimization_history.html").is_file()
+
+    # The same command with a larger target resumes the study: 2 more trials, 2 in parallel.
+    run_sweep(tmp_path, "hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=2", space, *pruner)
+    trials = study(tmp_path).trials
+    assert len(trials) == 5 and len({t.number for t in trials}) == 5
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    parents = [r for r in runs(tmp_path) if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 1  # the sweep's MLflow run is continued, not duplicated
+    # Run once more at the target: nothing new.
+    run_sweep(tmp_path, "hydra.sweeper.n_trials=5", space)
+    assert len(study(tmp_path).trials) == 5
+
+
+def test_ctrl_c_leaves_the_study_resumable(tmp_path):
+    proc = subprocess.Popen(
+        sweep_cmd(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1"),
+        cwd=ROOT,
+        env=env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / "sweep" / "trial_0000" / "job.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and "it/s" not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.5)  # wait until trial 0 is training
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs[RETRY_OF] == 0
+    assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
+
+    run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1")
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials][1:] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params  # the cut-off trial ran again, nothing lost
