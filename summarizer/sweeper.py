@@ -85,6 +85,7 @@ def resolve_storage(url: str, base: Path) -> str:
 def open_study(
     url: str, name: str, direction: str, sampler: SamplerConf | None, **heartbeat
 ) -> optuna.Study:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat
     storage = optuna.storages.RDBStorage(
         url,
         engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},

@@ -60,6 +60,24 @@ def runs(tmp_path) -> list:
     return mlflow.search_runs(experiment_names=["summarizer"], output_format="list")
 
 
+def test_demo_sweep_four_trials_two_at_a_time(tmp_path):
+    # `make sweep` as shipped (pruning off here so that every trial reaches ROUGE).
+    proc = run_sweep(tmp_path, "trial.pruner.name=none")
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert {t.user_attrs["worker"] for t in trials} == {trials[0].user_attrs["worker"]}
+    assert "2 in parallel" in proc.stdout + proc.stderr
+    children = [r for r in runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs(tmp_path) if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 1 and len(children) == 4
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {"rouge1", "rouge2", "rougeL", "rouge_sum"} <= set(child.data.metrics)
+    # Two trials overlapped in time: the workers did not wait for each other.
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
 def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
     url = resolve_storage(f"sqlite:///{tmp_path}/optuna.db", tmp_path)
     s = optuna.create_study(study_name="tiny_cpu", storage=url, direction="maximize")
