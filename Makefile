@@ -28,7 +28,7 @@ zero-shot: $(STAMP) ## the same model and validation rows without training, for 
 	$(PY) -m summarizer experiment=cpu_demo stages.train=false stages.predict_test=false tracking.run_name=cpu_demo-zero-shot $(ARGS)
 
 SWEEP ?= tiny_cpu
-sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=gemma_ko
+sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=gemma
 	$(PY) -m summarizer --multirun sweep=$(SWEEP) $(ARGS)
 
 sweep-report: $(STAMP) ## regenerate plots + best-trial summary of a sweep (multirun/$(SWEEP)/report, MLflow)

@@ -159,6 +159,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _gguf_file(cfg: ModelConfig) -> Path:
+    if cfg.gguf_path:
+        path = Path(cfg.gguf_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.gguf_path={cfg.gguf_path}: file not found")
+        return path
     spec = importlib.util.find_spec(cfg.gguf_package or "")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,17 +105,20 @@ def run(
             raise
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    import mlflow
+def _active_mlflow():
+    """mlflow, when a run is active (it is imported only by runs with tracking enabled)."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() else None
 
-    if mlflow.active_run():
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if mlflow := _active_mlflow():
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
-    import mlflow
-
-    if not mlflow.active_run() or not path.exists():
+    mlflow = _active_mlflow()
+    if mlflow is None or not path.exists():
         return
     if path.is_dir():
         mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
