@@ -198,6 +198,15 @@ def _gguf_hf_copy(cfg: ModelConfig, cache_dir: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
+    # transformers 5.17 turned Gemma 3's GGUF vocabulary into byte pieces (seen on the GPU image):
+    # the model then reads garbage. A real SentencePiece vocabulary keeps common words whole.
+    if len(tokenizer("Hello world, how are you?", add_special_tokens=False)["input_ids"]) > 10:
+        import transformers
+
+        raise UserError(
+            f"transformers {transformers.__version__} converted {gguf.name}'s tokenizer to byte "
+            "pieces; use transformers 5.23 (requirements.txt) or copy tokenizer.json from a good copy"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     model.save_pretrained(tmp)

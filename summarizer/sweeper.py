@@ -63,8 +63,8 @@ class SummarizerSweeperConf:
     )
     direction: str = "maximize"
     n_trials: int = 8  # total for the study, across reruns and workers
-    n_jobs: int = 1  # trials in flight in this process
-    gpus: list[int] = field(default_factory=list)  # one trial per listed GPU; empty: CPU/any
+    n_jobs: int = 1  # trials in flight in this process (when gpus is empty)
+    gpus: list[int] = field(default_factory=list)  # one worker per entry, pinned to that GPU
     sampler: SamplerConf = field(default_factory=SamplerConf)
     params: dict[str, str] = field(default_factory=dict)  # key: optuna sweep syntax
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # trials to run first (new study)
@@ -199,22 +199,14 @@ class SummarizerSweeper(Sweeper):
                 self.study.enqueue_trial(dict(params), skip_if_exists=True)
         self._recover_own_dead_trials()
         self.parent_run = self._mlflow_parent()
+        # One worker per listed GPU (a GPU listed twice runs two trials), else n_jobs workers.
+        slots = list(c.gpus) or [None] * max(1, c.n_jobs)
         done, running, waiting = tally(self.study)
         log.info(
             "study %r in %s: %d done, %d running elsewhere, %d queued; target %d trials, %d in parallel",
-            c.study_name,
-            self.url,
-            done,
-            running,
-            waiting,
-            c.n_trials,
-            c.n_jobs,
-        )
-        slots = list(c.gpus) or [None] * c.n_jobs
-        workers = [
-            threading.Thread(target=self._worker, args=(s,), daemon=True)
-            for s in slots[: max(1, c.n_jobs if not c.gpus else len(slots))]
-        ]
+            c.study_name, self.url, done, running, waiting, c.n_trials, len(slots),
+        )  # fmt: skip
+        workers = [threading.Thread(target=self._worker, args=(s,), daemon=True) for s in slots]
         for w in workers:
             w.start()
         interrupted = False

@@ -3,6 +3,7 @@ parent/child runs, the report, resume to n_trials, and Ctrl-C then resume."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -75,7 +76,7 @@ def test_demo_sweep_four_trials_two_at_a_time(tmp_path):
         assert {"rouge1", "rouge2", "rougeL", "rouge_sum"} <= set(child.data.metrics)
     # Two trials overlapped in time: the workers did not wait for each other.
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
 
 
 def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
