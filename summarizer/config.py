@@ -98,9 +98,105 @@ class PromptConfig:
 
 
 @dataclass
+class AugmentApiConfig:
+    """Any OpenAI-compatible chat-completions endpoint (paraphrase, back_translation, synthetic)."""
+
+    base_url: str = "https://api.upstage.ai/v1"  # POST <base_url>/chat/completions (Upstage Solar)
+    model: str = "solar-pro"  # the model name the endpoint expects; part of the reply cache key
+    # NAME of the environment variable (or `.env` entry in the launch folder) holding the key; the key
+    # itself is never a config value, so it never reaches logs or MLflow. null: send no key.
+    key_env: str | None = "UPSTAGE_API_KEY"
+    temperature: float = 0.7
+    max_tokens: int = 2048  # reply limit per request
+    concurrency: int = 4  # requests in flight at once (threads)
+    requests_per_minute: float = 60.0  # request starts are spaced to stay under this; 0: no limit
+    max_retries: int = 5  # on 429, 5xx, timeouts and connection errors; then a clear error
+    retry_wait: float = 2.0  # first backoff (s), doubled per retry; a Retry-After header wins
+    max_wait: float = 60.0  # cap on one backoff
+    timeout: float = 120.0  # seconds per request
+
+
+@dataclass
+class AugmentFilterConfig:
+    """Checks every generated row must pass; the failures are counted per reason in MLflow."""
+
+    keep_tokens: bool = True  # speaker turns and #...# tokens (#Person1#, #Address# ...) kept
+    min_length_ratio: float = 0.5  # generated / source length (characters), dialogue and summary
+    max_length_ratio: float = 2.0
+    max_similarity: float = 0.9  # char-3-gram Jaccard to the source or a sibling above: dropped
+    # Share of letters in the data's script (Hangul for ko, Latin for en) a generated text needs;
+    # a source with a lower share lowers the bar to its own share.
+    min_language_share: float = 0.6
+
+
+@dataclass
+class SpeakerSwapConfig:
+    enabled: bool = False
+    fraction: float = 1.0  # share of training rows that get a copy (seeded pick)
+
+
+@dataclass
+class InstructionVariantsConfig:
+    enabled: bool = False
+    copies: int = 2  # extra copies per row, each with a different instruction from `templates`
+    fraction: float = 1.0
+    templates: dict[str, list[str]] = field(default_factory=dict)  # per data.language
+
+
+@dataclass
+class ParaphraseConfig:
+    enabled: bool = False
+    copies: int = 1  # paraphrases per row (seed 000's --num-paraphrase)
+    fraction: float = 1.0
+    prompt: dict[str, str] = field(default_factory=dict)  # system prompt per data.language
+
+
+@dataclass
+class BackTranslationConfig:
+    enabled: bool = False
+    fraction: float = 1.0
+    summary: bool = True  # translate the summary too (false: keep the original summary)
+    to_pivot: dict[str, str] = field(default_factory=dict)  # prompt per data.language (ko -> en)
+    from_pivot: dict[str, str] = field(default_factory=dict)  # prompt per data.language (en -> ko)
+
+
+@dataclass
+class LocalParaphraseConfig:
+    enabled: bool = False
+    model: str | None = None  # a conf/model preset name; null: the run's own `model`
+    copies: int = 1
+    fraction: float = 1.0
+    prompt: dict[str, str] = field(default_factory=dict)  # per data.language, with a {text} slot
+    temperature: float = 0.8  # 0: greedy
+    max_new_tokens: int = 96  # per dialogue line
+    batch_size: int = 16
+
+
+@dataclass
+class SyntheticConfig:
+    enabled: bool = False
+    per_topic: int = 1  # new dialogues per training topic
+    max_rows: int = 100  # at most this many synthetic rows (API cost)
+    prompt: dict[str, str] = field(default_factory=dict)  # system prompt per data.language
+
+
+@dataclass
 class AugmentationConfig:
-    name: str = "none"
-    methods: list[str] = field(default_factory=list)
+    """Each option file of conf/augmentation switches on its own method; several combine."""
+
+    speaker_swap: SpeakerSwapConfig = field(default_factory=SpeakerSwapConfig)
+    instruction_variants: InstructionVariantsConfig = field(
+        default_factory=InstructionVariantsConfig
+    )
+    paraphrase: ParaphraseConfig = field(default_factory=ParaphraseConfig)
+    back_translation: BackTranslationConfig = field(default_factory=BackTranslationConfig)
+    local_paraphrase: LocalParaphraseConfig = field(default_factory=LocalParaphraseConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    filters: AugmentFilterConfig = field(default_factory=AugmentFilterConfig)
+    api: AugmentApiConfig = field(default_factory=AugmentApiConfig)
+    seed: int = 42  # row picks (fraction), instruction choice, local sampling
+    cache_dir: str | None = None  # replies and materialised sets; null: <cache_dir>/augment
+    sample_rows: int = 20  # rows of the augmentation_sample.csv artifact
 
 
 @dataclass

@@ -21,6 +21,8 @@ class Example:
     dialogue: str
     summary: str | None = None  # None for test rows
     topic: str | None = None
+    instruction: str | None = None  # an augmented row's own instruction; None: the prompt preset's
+    source: str = "original"  # else the augmentation that made it (the id stays its source row's)
 
 
 def read_records(path: str | Path) -> list[dict]:

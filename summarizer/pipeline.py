@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from summarizer import data, generate, metrics, model, prompt, sweep, tracking, train
+from summarizer import augment, data, generate, metrics, model, prompt, sweep, tracking, train
 from summarizer.errors import UserError
 from summarizer.files import write_atomic, write_csv
 
@@ -37,15 +37,33 @@ def run(cfg: DictConfig) -> float:
     split_ids = {"train": [e.id for e in train_ex], "validation": [e.id for e in val_ex]}
     write_atomic(out / "split.json", json.dumps(split_ids))
     log.info("data %s: %d train / %d validation rows", cfg.data.path, len(train_ex), len(val_ex))
+    # Augmentation: generated rows join the training split only (cached per augmentation config).
+    train_ex, aug_stats = augment.apply(
+        cfg.augmentation,
+        train_ex,
+        language=cfg.data.language,
+        cache_dir=cfg.cache_dir,
+        model_cfg=cfg.model,
+        quant_cfg=cfg.quant,
+        out_dir=out,
+    )
 
     # Model and prompts: the same builder for training rows and generation prompts.
     base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
     fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
     stop_id = model.stop_token_id(cfg.model, tokenizer)
-    shots = prompt.ShotSelector(cfg.prompt.fewshot, train_ex)
+    shots = prompt.ShotSelector(cfg.prompt.fewshot, [e for e in train_ex if e.source == "original"])
 
     def encode(ex: data.Example, with_summary: bool) -> dict:
-        p = prompt.build(cfg.prompt, cfg.data.language, fmt, ex.dialogue, shots(ex), tokenizer)
+        p = prompt.build(
+            cfg.prompt,
+            cfg.data.language,
+            fmt,
+            ex.dialogue,
+            shots(ex),
+            tokenizer,
+            instruction=ex.instruction,
+        )
         return prompt.encode(
             tokenizer,
             p,
@@ -75,6 +93,8 @@ def run(cfg: DictConfig) -> float:
         ) as r:
             if r:
                 write_atomic(out / "mlflow_run_id", r.info.run_id)
+            tracking.log_metrics(aug_stats)  # aug_rows_before / _generated / _kept / _after ...
+            tracking.log_artifact(out / augment.SAMPLE_FILE)
             lm = base
             if cfg.stages.train:
                 train_rows = [encode(ex, True) for ex in train_ex]

@@ -57,10 +57,19 @@ def clip_chars(text: str, max_chars: int) -> str:
 
 
 def build(
-    cfg: PromptConfig, language: str, fmt: str, dialogue: str, shots: list[Example], tokenizer=None
+    cfg: PromptConfig,
+    language: str,
+    fmt: str,
+    dialogue: str,
+    shots: list[Example],
+    tokenizer=None,
+    *,
+    instruction: str | None = None,
 ) -> Prompt:
-    """Assemble the prompt for one dialogue; `fmt` is 'plain' or 'chat' (see `resolve_format`)."""
-    instruction, input_label, output_label = _texts(cfg, language)
+    """Assemble the prompt for one dialogue; `fmt` is 'plain' or 'chat' (see `resolve_format`).
+    `instruction` replaces the preset's (an augmented training row's own wording)."""
+    default_instruction, input_label, output_label = _texts(cfg, language)
+    instruction = instruction or default_instruction
     max_chars = cfg.fewshot.max_chars
     if fmt == "plain":
         parts = [instruction, ""]
