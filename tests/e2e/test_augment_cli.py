@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import mlflow
 import pytest
 
 from summarizer import data
-from tests.conftest import ROOT, SAMPLE_KO
+from tests.conftest import SAMPLE_KO
+from tests.e2e import test_run as e2e
+from tests.e2e.test_run import runs
 from tests.unit.test_augment_api import ChatServer, reverse_words
 from tests.unit.test_data import cfg as data_cfg
 
@@ -33,30 +34,8 @@ AUGMENT_ONLY = ["stages.train=false"]  # reruns: augmentation and MLflow only
 
 
 def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
-    env.update(
-        SUMMARIZER_CACHE=str(tmp_path / "cache"),
-        HF_HUB_OFFLINE="1",
-        NO_PROXY="127.0.0.1,localhost",
-        UPSTAGE_API_KEY=PLANTED,
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "summarizer",
-        *TINY,
-        *overrides,
-        f"hydra.run.dir={tmp_path / name}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def runs(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return mlflow.search_runs(
-        experiment_names=["summarizer"], output_format="list", order_by=["start_time ASC"]
-    )
+    env = {"NO_PROXY": "127.0.0.1,localhost", "UPSTAGE_API_KEY": PLANTED}
+    return e2e.run_cli(tmp_path, name, *TINY, *overrides, env=env)
 
 
 @pytest.fixture

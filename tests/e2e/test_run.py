@@ -27,8 +27,12 @@ TINY = [
 ]
 
 
-def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SUMMARIZER_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+def run_cli(tmp_path, name: str, *overrides: str, env: dict | None = None):
+    """`python -m summarizer` in a subprocess: output in tmp_path/name, MLflow in tmp_path."""
+    full_env = {
+        k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")
+    }
+    full_env.update(SUMMARIZER_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", **(env or {}))
     cmd = [
         sys.executable,
         "-m",
@@ -37,7 +41,7 @@ def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess
         f"hydra.run.dir={tmp_path / name}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
 
 
 def runs(tmp_path):
