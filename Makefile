@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run zero-shot sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean
+.PHONY: help install run zero-shot predict sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,11 @@ run: $(STAMP) ## the default job: train Gemma 3 270M on the Korean sample, score
 
 zero-shot: $(STAMP) ## the same model and validation rows without training, for comparison
 	$(PY) -m summarizer experiment=cpu_demo stages.train=false stages.predict_test=false tracking.run_name=cpu_demo-zero-shot $(ARGS)
+
+RUN ?=
+INPUT ?= data/samples/dialogsum_ko_test.csv
+predict: $(STAMP) ## summarise INPUT (CSV/JSON/JSONL) with a trained run: make predict RUN=outputs/<day>/<run>
+	$(PY) -m summarizer.predict $(RUN) --input $(INPUT) $(ARGS)
 
 SWEEP ?= tiny_cpu
 sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=gemma

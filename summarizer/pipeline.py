@@ -54,27 +54,7 @@ def run(cfg: DictConfig) -> float:
     stop_id = model.stop_token_id(cfg.model, tokenizer)
     shots = prompt.ShotSelector(cfg.prompt.fewshot, [e for e in train_ex if e.source == "original"])
 
-    def encode(ex: data.Example, with_summary: bool) -> dict:
-        p = prompt.build(
-            cfg.prompt,
-            cfg.data.language,
-            fmt,
-            ex.dialogue,
-            shots(ex),
-            tokenizer,
-            instruction=ex.instruction,
-        )
-        return prompt.encode(
-            tokenizer,
-            p,
-            prompt.completion_text(ex.summary, fmt) if with_summary else None,
-            max_length=cfg.train.max_length,
-            stop_token_id=stop_id,
-            reserve=0 if with_summary else cfg.generate.max_new_tokens,
-            min_dialogue_tokens=cfg.prompt.min_dialogue_tokens,
-            add_bos=fmt == "plain",
-            row_id=ex.id,
-        )
+    encode = make_encoder(cfg, tokenizer, fmt, stop_id, shots)
 
     # Tracking: one MLflow run; inside a sweep it nests under the sweep's run and reports to Optuna.
     trial = sweep.attach(cfg.trial)
@@ -136,7 +116,7 @@ def run(cfg: DictConfig) -> float:
 
 def evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[str, float]:
     start = time.perf_counter()
-    preds = _generate(cfg, lm, tokenizer, val_ex, encode, stop_id)
+    preds = summarize(cfg, lm, tokenizer, val_ex, encode, stop_id)
     seconds = time.perf_counter() - start
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     refs = [ex.summary for ex in val_ex]
@@ -151,13 +131,43 @@ def predict_test(cfg, lm, tokenizer, encode, stop_id, path: Path) -> None:
     if not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
     test_ex = data.load(cfg.data, cfg.data.test_path, require_summary=False)
-    preds = _generate(cfg, lm, tokenizer, test_ex, encode, stop_id)
+    preds = summarize(cfg, lm, tokenizer, test_ex, encode, stop_id)
     rows = [[i, ex.id, p] for i, (ex, p) in enumerate(zip(test_ex, preds))]
     write_csv(path, ["", "fname", "summary"], rows)
     log.info("submission: %s (%d rows)", path, len(rows))
 
 
-def _generate(cfg, lm, tokenizer, rows, encode, stop_id) -> list[str]:
+def make_encoder(cfg, tokenizer, fmt: str, stop_id: int, shots: prompt.ShotSelector):
+    """encode(example, with_summary) -> token ids (+ labels): the one prompt path for training rows,
+    validation and test generation, and `python -m summarizer.predict`."""
+
+    def encode(ex: data.Example, with_summary: bool) -> dict:
+        p = prompt.build(
+            cfg.prompt,
+            cfg.data.language,
+            fmt,
+            ex.dialogue,
+            shots(ex),
+            tokenizer,
+            instruction=ex.instruction,
+        )
+        return prompt.encode(
+            tokenizer,
+            p,
+            prompt.completion_text(ex.summary, fmt) if with_summary else None,
+            max_length=cfg.train.max_length,
+            stop_token_id=stop_id,
+            reserve=0 if with_summary else cfg.generate.max_new_tokens,
+            min_dialogue_tokens=cfg.prompt.min_dialogue_tokens,
+            add_bos=fmt == "plain",
+            row_id=ex.id,
+        )
+
+    return encode
+
+
+def summarize(cfg, lm, tokenizer, rows, encode, stop_id) -> list[str]:
+    """Summaries for `rows` with the run's prompt and generation settings, in input order."""
     prompts = [encode(ex, False) for ex in rows]
     _log_truncation("generation", prompts)
     stops = sorted({stop_id, tokenizer.eos_token_id})

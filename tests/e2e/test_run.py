@@ -159,3 +159,29 @@ def test_merge_gives_the_same_model(trained, monkeypatch):
             assert not torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-6)
     with pytest.raises(UserError, match="already exists"):
         merge(adapter, out)
+
+
+def test_predict_cli_matches_the_pipeline_submission(trained):
+    out = trained / "predict.csv"
+    env = {**os.environ, "SUMMARIZER_CACHE": str(trained / "cache"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "summarizer.predict", str(trained / "train")]
+    sample = ROOT / "data" / "samples" / "dialogsum_ko_test.csv"
+    proc = subprocess.run(
+        [*cmd, "--input", str(sample), "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Same adapter, same prompts, greedy: the same summaries as the run's own submission.
+    assert out.read_text(encoding="utf-8") == (trained / "train" / "submission.csv").read_text(
+        encoding="utf-8"
+    )
+    again = subprocess.run(
+        [*cmd, "--input", str(sample), "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 2 and "already exists" in again.stderr.strip().splitlines()[-1]
+    one = subprocess.run(
+        [*cmd, "--input", "-"], input="#Person1#: 안녕하세요.\n#Person2#: 네, 안녕하세요.",
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0 and len(one.stdout.strip().splitlines()) <= 1

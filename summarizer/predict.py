@@ -1,0 +1,131 @@
+"""Summarise new dialogues with a trained run: base model + its adapter (or a merged model).
+
+    python -m summarizer.predict outputs/<day>/<run> --input dialogues.csv [--output preds.csv]
+    echo "#Person1#: ... " | python -m summarizer.predict outputs/<day>/<run> --input -
+
+The run's saved config.yaml fixes the model, prompt and few-shot settings, so prompts are built
+exactly as in training (few-shot examples come from the run's training split, read from its data
+file and split.json). Input: CSV, JSON or JSONL with the run's id and dialogue columns, or one
+dialogue on stdin (the summary is printed). Output: `,fname,summary` like the competition's
+sample submission, written atomically; an existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from summarizer import data, model, pipeline, prompt
+from summarizer.config import Config
+from summarizer.errors import UserError
+from summarizer.files import write_csv
+
+
+def run_config(run_dir: Path):
+    """The run's resolved config, typed."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{config}: not found (pass a run folder of `python -m summarizer`)")
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config))
+
+
+def load_run(run_dir: Path):
+    """The run's config and its training examples (the few-shot pool)."""
+    cfg = run_config(run_dir)
+    train_ex: list[data.Example] = []
+    if cfg.prompt.fewshot.k:
+        split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+        ids = set(split["train"])
+        try:
+            train_ex = [ex for ex in data.load(cfg.data) if ex.id in ids]
+        except UserError as e:
+            raise UserError(f"few-shot examples come from the run's training data: {e}") from e
+    return cfg, train_ex
+
+
+def predict(
+    run_dir: Path,
+    rows: list[data.Example],
+    adapter: Path | None = None,
+    merged: Path | None = None,
+    overrides: dict | None = None,
+) -> list[str]:
+    cfg, train_ex = load_run(run_dir)
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value)
+    if merged:
+        cfg.model.source, cfg.model.path = "local", str(merged)
+        cfg.quant.method = "none"
+    base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
+    lm = base if merged else model.load_adapter(base, str(adapter or run_dir / "adapter"))
+    fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
+    stop_id = model.stop_token_id(cfg.model, tokenizer)
+    shots = prompt.ShotSelector(cfg.prompt.fewshot, train_ex)
+    encode = pipeline.make_encoder(cfg, tokenizer, fmt, stop_id, shots)
+    return pipeline.summarize(cfg, lm, tokenizer, rows, encode, stop_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m summarizer.predict", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("run", type=Path, help="a run folder (config.yaml, split.json, adapter/)")
+    p.add_argument(
+        "--input", required=True, help="CSV / JSON / JSONL file, or - for one dialogue on stdin"
+    )
+    p.add_argument("--output", type=Path, default=None, help="default: <input>.predictions.csv")
+    p.add_argument("--adapter", type=Path, default=None, help="default: <run>/adapter")
+    p.add_argument(
+        "--merged", type=Path, default=None, help="a merged model (python -m summarizer.merge)"
+    )
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    args = p.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "generate.batch_size": args.batch_size,
+            "generate.max_new_tokens": args.max_new_tokens,
+        }.items()
+        if v is not None
+    }
+    try:
+        cfg = run_config(args.run)
+        if args.input == "-":
+            text = sys.stdin.read().strip()
+            if not text:
+                raise UserError("stdin: empty dialogue")
+            rows = [data.Example("stdin", text)]
+        else:
+            rows = data.load(cfg.data, args.input, require_summary=False)
+            output = args.output or Path(f"{args.input}.predictions.csv")
+            if output.exists():
+                raise UserError(
+                    f"{output} already exists; pass another --output (nothing is overwritten)"
+                )
+        start = time.perf_counter()
+        preds = predict(args.run, rows, args.adapter, args.merged, overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.input == "-":
+        print(preds[0])
+        return 0
+    write_csv(
+        output,
+        ["", "fname", "summary"],
+        [[i, r.id, s] for i, (r, s) in enumerate(zip(rows, preds))],
+    )
+    print(
+        f"{len(preds)} summaries in {time.perf_counter() - start:.1f}s -> {output}", file=sys.stderr
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
