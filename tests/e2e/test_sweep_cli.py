@@ -128,10 +128,12 @@ def test_ctrl_c_leaves_the_study_resumable(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = tmp_path / "sweep" / "trial_0000" / "job.log"
+    # The job writes its MLflow run id once the model is loaded, just before training starts.
+    started = tmp_path / "sweep" / "trial_0000" / "mlflow_run_id"
     deadline = time.time() + 300
-    while time.time() < deadline and "it/s" not in (log.read_text() if log.is_file() else ""):
-        time.sleep(0.5)  # wait until trial 0 is training
+    while time.time() < deadline and not started.is_file():
+        time.sleep(0.2)
+    assert started.is_file(), "trial 0 never started"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     trials = study(tmp_path).trials
