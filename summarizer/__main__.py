@@ -12,29 +12,80 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from summarizer.config import register_configs
 from summarizer.errors import UserError
 
 register_configs()
 log = logging.getLogger("summarizer")
+# Hydra reports a composition error (unknown option or key, wrong type) in several lines and exits 1;
+# with HYDRA_FULL_ERROR=1 it raises instead, and `cli` prints one `error:` line (exit 2). The mark
+# tells our setting (inherited by sweep trials) from a user's own HYDRA_FULL_ERROR.
+_MARK = "SUMMARIZER_HYDRA_ERRORS"
+_ours = False  # cli() set HYDRA_FULL_ERROR
+_started = False  # the job function was reached: the config composed, the run folder exists
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    global _started
+    _started = True
+    if _ours:  # composed: later errors are reported the usual Hydra way
+        for name in ("HYDRA_FULL_ERROR", _MARK):
+            os.environ.pop(name, None)
+    from summarizer import tracking
     from summarizer.pipeline import run
 
+    for handler in logging.getLogger().handlers:  # console and the job's log file
+        handler.addFilter(tracking.RedactSecrets())
     try:
         return run(cfg)
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
         log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {tracking.redact(str(e))}", file=sys.stderr)
         sys.exit(2)
 
 
+def cli() -> None:
+    global _ours
+    _ours = "HYDRA_FULL_ERROR" not in os.environ or os.environ.get(_MARK) == "1"
+    if _ours:
+        os.environ.update({"HYDRA_FULL_ERROR": "1", _MARK: "1"})
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException, OSError) as e:
+        if not _ours or _started:
+            raise
+        print(f"error: {setup_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def setup_error(e: BaseException) -> str:
+    """One line for an error raised before the job starts: composing the config or creating the
+    run folder. Names the group option, key or folder."""
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return (
+            f"{group}={option}: no such option in conf/{group} (available: {', '.join(e.options)})"
+        )
+    if isinstance(e, OSError) and not isinstance(e, HydraException):
+        where = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+        return f"cannot write the run folder ({where}); pick another hydra.run.dir"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        reason = str(cause).strip().splitlines()[0]
+        if "not in" in reason:  # Key 'rank' not in 'LoraConfig'
+            return f"{cause.full_key}: no such key ({reason}; `--cfg job` lists them all)"
+        return f"{cause.full_key}: {reason} ({first})"
+    return first
+
+
 if __name__ == "__main__":
-    main()
+    cli()

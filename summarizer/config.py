@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import operator
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -241,6 +243,8 @@ class TrainConfig:
     train_rows: int | None = None  # use only the first N training rows (after the split)
     eval_rows: int | None = None  # use only the first N validation rows (eval loss and ROUGE)
     resume_from: str | None = None  # checkpoint folder, or a run's checkpoints folder (last one)
+    # Continue this run where it stopped: rerun the same command with hydra.run.dir=<its folder>.
+    resume: bool = False
     dataloader_workers: int = 0
 
 
@@ -326,3 +330,13 @@ def register_configs() -> None:
     # ${mul:${lora.r},2} ties lora.alpha to the rank in sweeps.
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda *xs: functools.reduce(operator.mul, xs))
+    if not OmegaConf.has_resolver("hydra_subdir"):
+        OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir)
+
+
+def hydra_subdir(run_dir: str) -> str:
+    """Where Hydra records an invocation in the run folder: `.hydra`, or `.hydra-<time>` when the
+    folder already has one (train.resume, or a run refused there), so no record is overwritten."""
+    if not (Path(run_dir) / ".hydra").exists():
+        return ".hydra"
+    return time.strftime(".hydra-%Y%m%d-%H%M%S")

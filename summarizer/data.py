@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -45,7 +46,8 @@ def read_records(path: str | Path) -> list[dict]:
         return _read_csv(path, text)
     if suffix == ".jsonl":
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # Lines end at \n only: str.splitlines would also split inside strings at U+2028, U+0085 ...
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -66,17 +68,30 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def _read_csv(path: Path, text: str) -> list[dict]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    if not reader.fieldnames:
-        raise UserError(f"{path}: no header row")
+    # newline="": line breaks inside quoted fields are kept whole (str.splitlines would also break
+    # unquoted fields at U+2028, form feeds ...); strict: a quote left open at the end is an error.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     records = []
-    for row in reader:
-        # A row with more cells than the header (a stray quote or comma) gets a None key.
-        if None in row:
-            raise UserError(
-                f"{path}: row {reader.line_num} has more fields than the header {reader.fieldnames}"
-            )
-        records.append(row)
+    try:
+        if not reader.fieldnames:
+            raise UserError(f"{path}: no header row")
+        for row in reader:
+            # A row with more cells than the header (a stray quote or comma) gets a None key.
+            if None in row:
+                raise UserError(
+                    f"{path}: row {reader.line_num} has more fields than the header {reader.fieldnames}"
+                )
+            if None in row.values():  # fewer cells: a row cut short
+                raise UserError(
+                    f"{path}: row {len(records) + 1} has fewer fields than the header "
+                    f"{reader.fieldnames}; is the file truncated?"
+                )
+            records.append(row)
+    except csv.Error as e:
+        raise UserError(
+            f"{path}: row {len(records) + 1} is not valid CSV ({e}); is the file truncated, or a "
+            "quote left open?"
+        ) from e
     if not records:
         raise UserError(f"{path}: header only, no rows")
     return records

@@ -15,7 +15,18 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from summarizer import augment, data, generate, metrics, model, prompt, sweep, tracking, train
+from summarizer import (
+    augment,
+    data,
+    generate,
+    metrics,
+    model,
+    prompt,
+    resume,
+    sweep,
+    tracking,
+    train,
+)
 from summarizer.errors import UserError
 from summarizer.files import write_atomic, write_csv
 
@@ -25,12 +36,18 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float:
     out = Path(cfg.output_dir)
     _check_writable(out)
+    resumed = resume.prepare(cfg, out)  # train.resume=true: this folder's checkpoint and MLflow run
     uri = tracking.resolve_uri(cfg.tracking.uri, Path.cwd())
     tracking.preflight(cfg.tracking, uri)  # fail before hours of training, not after
-    write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if not resumed:  # a resumed run keeps the config it started with
+        write_atomic(out / "config.yaml", tracking.redact(OmegaConf.to_yaml(cfg, resolve=True)))
 
     # Data: load, validate, split by id (seeded), cap for quick runs.
     examples = data.load(cfg.data)
+    if cfg.stages.predict_test and not cfg.data.test_path:
+        raise UserError("stages.predict_test=true needs data.test_path")
+    if cfg.stages.predict_test:  # a bad test file fails now, not after hours of training
+        data.load(cfg.data, cfg.data.test_path, require_summary=False)
     train_ex, val_ex = data.split(examples, cfg.data.val_size, cfg.data.split_seed)
     train_ex = train_ex[: cfg.train.train_rows] if cfg.train.train_rows else train_ex
     val_ex = val_ex[: cfg.train.eval_rows] if cfg.train.eval_rows else val_ex
@@ -64,12 +81,15 @@ def run(cfg: DictConfig) -> float:
     if trial:
         run_name = f"{cfg.trial.study}-trial-{trial.number}"
         tags.update({"optuna.study": cfg.trial.study, "optuna.trial": str(trial.number)})
+    checkpoint, run_id = (resumed.checkpoint, resumed.mlflow_run_id) if resumed else (None, None)
+    if checkpoint:
+        tags["resumed_from"] = checkpoint.name
     callbacks = [tracking.MlflowMetrics()] + ([sweep.ReportToTrial(trial)] if trial else [])
     params = OmegaConf.to_container(cfg, resolve=True)
     parent = cfg.trial.parent_run_id
     try:
         with tracking.run(
-            cfg.tracking, uri, run_name, params, tags, parent, (optuna.TrialPruned,)
+            cfg.tracking, uri, run_name, params, tags, parent, (optuna.TrialPruned,), run_id
         ) as r:
             if r:
                 write_atomic(out / "mlflow_run_id", r.info.run_id)
@@ -81,7 +101,9 @@ def run(cfg: DictConfig) -> float:
                 eval_rows = [encode(ex, True) for ex in val_ex]
                 _log_truncation("training", train_rows + eval_rows)
                 lm = model.add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
-                figures = train.fit(cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks)
+                figures = train.fit(
+                    cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks, checkpoint
+                )
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
                 lm.save_pretrained(out / "adapter")
                 tokenizer.save_pretrained(out / "adapter")

@@ -8,6 +8,7 @@ the few-shot examples and the summary are never truncated.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from summarizer.config import FewShotConfig, PromptConfig
@@ -48,12 +49,17 @@ def _texts(cfg: PromptConfig, language: str) -> tuple[str, str, str]:
 
 
 def clip_chars(text: str, max_chars: int) -> str:
-    """Cut a few-shot dialogue to `max_chars`, at a line break when one is near."""
+    """Cut a few-shot dialogue to `max_chars`, at a line break when one is near, and never inside a
+    #...# token (#Person1#, #PhoneNumber#)."""
     if len(text) <= max_chars:
         return text
     cut = text[:max_chars]
     newline = cut.rfind("\n")
-    return cut[:newline] if newline > max_chars // 2 else cut
+    cut = cut[:newline] if newline > max_chars // 2 else cut
+    token = re.search(r"#[^#\s]*$", cut)  # a '#' at the end whose token closes after the cut
+    if token and re.match(r"#[^#\s]*#", text[token.start() :]):
+        cut = cut[: token.start()]
+    return cut
 
 
 def build(

@@ -4,11 +4,16 @@ adapter, predictions and config as artifacts. A failed job's run ends FAILED; no
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import getproxies, proxy_bypass
 
 from transformers import TrainerCallback
 
@@ -40,8 +45,40 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)[:6000]  # MLflow's limit for a param value
+            flat[name] = redact(str(value))[:6000]  # MLflow's limit for a param value
     return flat
+
+
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+@functools.cache
+def _secrets() -> tuple[str, ...]:
+    """Values never to log: those of variables named like a key, token or password, in the
+    environment or in `.env` of the launch folder (8 characters or more: no short word is masked)."""
+    from summarizer.augment import read_dotenv
+
+    sources = (os.environ, read_dotenv(Path.cwd() / ".env"))
+    values = {v.strip() for src in sources for k, v in src.items() if _SECRET_NAME.search(k)}
+    return tuple(sorted((v for v in values if len(v) >= 8), key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    """`text` with every secret value (see `_secrets`) replaced by ***."""
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """On a log handler: no secret value reaches the console or the job's log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
 
 
 def preflight(cfg: TrackingConfig, uri: str) -> None:
@@ -54,8 +91,10 @@ def preflight(cfg: TrackingConfig, uri: str) -> None:
         folder = Path(uri[len("sqlite:///") :]).parent
         with contextlib.suppress(OSError):
             folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UserError(f"tracking.uri={uri}: folder {folder} is not writable")
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     # Remote servers: fail in seconds instead of MLflow's minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -67,6 +106,22 @@ def preflight(cfg: TrackingConfig, uri: str) -> None:
         raise UserError(f"tracking.uri={uri}: MLflow store not usable ({first[:300]})") from e
 
 
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """A TCP connect to the server (unless a proxy is in the way): refused or silent in seconds."""
+    url = urlparse(uri)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    if url.scheme in getproxies() and not proxy_bypass(host):
+        return  # only the proxy can tell; MLflow's own (shortened) retries decide
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(
+            f"tracking.uri={uri}: MLflow server not reachable ({reason}); start it, or log to a "
+            "local store: tracking.uri=sqlite:///mlflow.db (or tracking.enabled=false)"
+        ) from e
+
+
 @contextlib.contextmanager
 def run(
     cfg: TrackingConfig,
@@ -76,10 +131,12 @@ def run(
     tags: dict,
     parent_run_id: str | None = None,
     killed_by: tuple[type[BaseException], ...] = (),
+    resume_run_id: str | None = None,
 ) -> Iterator:
     """An MLflow run for the job, ended FAILED when the body raises, KILLED on Ctrl-C or on one of
     `killed_by` (a pruned sweep trial). `parent_run_id` nests it under a sweep's run, across
-    processes. Tag `state` says COMPLETE, PRUNED or FAIL, as Optuna would."""
+    processes. Tag `state` says COMPLETE, PRUNED or FAIL, as Optuna would. `resume_run_id`
+    continues that run (train.resume): params it already has are kept, missing ones added."""
     if not cfg.enabled:
         yield None
         return
@@ -88,9 +145,16 @@ def run(
     preflight(cfg, uri)
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
-    with mlflow.start_run(run_name=run_name, tags={**tags, "state": "RUNNING"}) as active:
+    tags = {k: redact(str(v)) for k, v in {**tags, "state": "RUNNING"}.items()}
+    logged: dict[str, str] = {}
+    if resume_run_id:
+        logged = _existing_params(resume_run_id, uri)
+        start = {"run_id": resume_run_id}
+    else:
+        start = {"run_name": redact(run_name)}
+    with mlflow.start_run(**start, tags=tags) as active:
         try:
-            items = list(flatten(params).items())
+            items = [(k, v) for k, v in flatten(params).items() if k not in logged]
             for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per call
                 mlflow.log_params(dict(items[i : i + 100]))
             yield active
@@ -103,6 +167,22 @@ def run(
             mlflow.set_tag("state", "FAIL")
             mlflow.end_run(status="FAILED")
             raise
+
+
+def _existing_params(run_id: str, uri: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        raise UserError(
+            f"train.resume=true: MLflow run {run_id} (the folder's mlflow_run_id) is not in "
+            f"tracking.uri={uri}; resume with the run's own tracking.uri"
+        ) from e
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(f"train.resume=true: MLflow run {run_id} was deleted; restore it first")
+    return dict(run.data.params)
 
 
 def _active_mlflow():

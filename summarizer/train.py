@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import re
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from summarizer.config import TrainConfig
 from summarizer.errors import UserError
+from summarizer.files import write_atomic
 from summarizer.prompt import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+
+LOSS_STATE = "summarizer_state.json"  # in each checkpoint: the train-loss sum so far (exact resume)
+MANIFEST = "checksums.json"  # in each checkpoint: size + sha256 of every file, written last
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict:
@@ -67,9 +75,25 @@ def completion_loss(model, batch: dict, num_items: int | torch.Tensor | None = N
 
 
 class CompletionOnlyTrainer(SFTTrainer):
-    """SFTTrainer with `completion_loss` (TRL's CPU loss path projects every position)."""
+    """SFTTrainer with `completion_loss` (TRL's CPU loss path projects every position), and
+    checkpoints that carry what an exact resume needs beyond HF's own files."""
 
     tokens_seen = 0  # non-padding training tokens, for tokens/s
+    loss_before = 0.0  # train-loss sum of the steps before the checkpoint this call resumed from
+
+    def _save_checkpoint(self, model, trial):
+        folder = Path(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if self.args.should_save:
+            # HF keeps the loss sum in memory only: a resumed run would average its own steps alone.
+            total = self.loss_before + getattr(self, "_total_loss_scalar", 0.0)
+            total += float(getattr(self, "_tr_loss", 0.0))  # steps since the last log
+            state = {"train_loss_sum": total, "global_step": self.state.global_step}
+            write_atomic(folder / LOSS_STATE, json.dumps(state))
+        super()._save_checkpoint(model, trial)  # ends with trainer_state.json
+        if self.args.should_save:
+            write_manifest(folder)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = completion_loss(model, inputs, num_items_in_batch)
@@ -90,6 +114,129 @@ class StopOnNonFinite(TrainerCallback):
                 raise UserError(
                     f"{key} became {value} at step {state.global_step}; lower train.lr or check the data"
                 )
+
+
+def write_manifest(folder: Path) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why training cannot resume from `folder` (a file missing, truncated or altered), else None.
+    Our checkpoints are checked against their manifest; others (or one cut off before its manifest)
+    by structure: JSON parses, safetensors sizes match their header, torch files pass their CRCs."""
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json (its saving was cut off)"
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, meta in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != meta["size"]:
+                return f"{name} has {path.stat().st_size} bytes, {meta['size']} were saved"
+            if _sha256(path) != meta["sha256"]:
+                return f"{name} differs from the saved file (checksum)"
+        return None
+    try:
+        int(json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "trainer_state.json is not a valid trainer state"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    weights = [
+        p for p in folder.iterdir() if re.match(r"(adapter_)?model.*\.(safetensors|bin)$", p.name)
+    ]
+    if not weights:
+        return "no model or adapter weights"
+    for path in sorted(folder.iterdir()):
+        problem = None
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            problem = _torch_file_problem(path)
+        if problem:
+            return f"{path.name} {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else size
+        if n > size - 8:
+            return "is truncated"
+        try:
+            header = json.loads(f.read(n))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "has a garbled header"
+    if 8 + n + end != size:
+        return f"has {size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive with CRC-32s: truncation or altered bytes show."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return "is truncated or not a torch file"
+    return f"is altered (bad CRC in {bad})" if bad else None
+
+
+def verify_checkpoint(path: str | Path, key: str) -> None:
+    """A one-line error naming the checkpoint when it cannot be resumed from."""
+    problem = checkpoint_problem(Path(path))
+    if problem:
+        raise UserError(f"{key}: checkpoint {path} is corrupt: {problem}; use an earlier one")
+
+
+def last_good_checkpoint(folder: Path) -> Path:
+    """For train.resume: the newest checkpoint-N under `folder`. One whose saving was cut off (a kill
+    mid-save: no trainer_state.json) is passed over for the one before; a damaged one is an error."""
+    found = sorted(
+        (p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for i, ckpt in enumerate(found):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if not (ckpt / "trainer_state.json").is_file():
+            log.warning("%s: %s; resuming from an earlier checkpoint", ckpt, problem)
+            continue
+        earlier = f"delete it to resume from {found[i + 1].name}" if i + 1 < len(found) else ""
+        raise UserError(
+            f"train.resume=true: checkpoint {ckpt} is corrupt: {problem}; "
+            f"{earlier or 'no earlier checkpoint: start a new run (without train.resume)'}"
+        )
+    raise UserError(
+        f"train.resume=true: no complete checkpoint-N in {folder} (the run stopped before its first "
+        "save, see train.save_steps): start it again as a new run (without train.resume)"
+    )
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -161,6 +308,7 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         prediction_loss_only=True,
         dataloader_num_workers=cfg.dataloader_workers,
         use_cpu=not on_gpu,
+        logging_nan_inf_filter=False,  # HF would log a NaN loss as the running mean: hide nothing
     )
 
 
@@ -172,8 +320,10 @@ def fit(
     eval_rows: list[dict],
     output_dir: Path,
     callbacks: list | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict:
-    """Train in place; returns loss and throughput figures. Checkpoints go to output_dir/checkpoints."""
+    """Train in place; returns loss and throughput figures. Checkpoints go to output_dir/checkpoints.
+    `resume_from` (train.resume's checkpoint) wins over `cfg.resume_from`."""
     from datasets import Dataset
 
     args = training_args(cfg, output_dir / "checkpoints")
@@ -196,12 +346,24 @@ def fit(
         data_collator=lambda rows: collate(rows, tokenizer.pad_token_id),
         callbacks=extra,
     )
-    resume = resolve_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
+    if not resume and cfg.resume_from:
+        resume = resolve_checkpoint(cfg.resume_from)
+        verify_checkpoint(resume, "train.resume_from")
+    start_step, loss_sum = 0, None
+    if resume:
+        start_step, loss_sum = _resume_state(Path(resume))
+        trainer.loss_before = loss_sum or 0.0
+        log.info("resuming from %s (step %d)", resume, start_step)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
+    loss_avg = float(result.training_loss)  # HF's: over the steps of this call only
+    if loss_sum is not None and result.global_step:
+        ran = result.global_step - start_step
+        loss_avg = (loss_sum + loss_avg * ran) / result.global_step
     figures = {
-        "train_loss_avg": float(result.training_loss),
+        "train_loss_avg": loss_avg,
         "train_steps": int(result.global_step),
         "train_seconds": seconds,
         "train_tokens_per_second": trainer.tokens_seen / seconds if seconds else 0.0,
@@ -209,6 +371,19 @@ def fit(
     if eval_ds is not None:
         figures["eval_loss"] = _final_eval_loss(trainer, eval_ds)
     return figures
+
+
+def _resume_state(checkpoint: Path) -> tuple[int, float | None]:
+    """(global step, train-loss sum up to it); the sum is None for a checkpoint saved elsewhere."""
+    step = int(json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))["global_step"])
+    try:
+        saved = json.loads((checkpoint / LOSS_STATE).read_text("utf-8"))
+        return step, float(saved["train_loss_sum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log.info(
+            "%s has no %s: train_loss_avg covers the resumed steps only", checkpoint, LOSS_STATE
+        )
+        return step, None
 
 
 def _final_eval_loss(trainer, eval_ds) -> float:

@@ -1,0 +1,86 @@
+"""`train.resume=true`: continue a cut-off run in its own folder, where it left off.
+
+Rerun the same command with `hydra.run.dir=<the run's folder>` and `train.resume=true`: the trainer
+restarts from the folder's last good checkpoint (weights, optimizer, scheduler, RNG, step, loss sum)
+and the MLflow run recorded in `mlflow_run_id` is continued, not duplicated. Without
+`train.resume`, a run never writes into a folder that already holds one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from summarizer.errors import UserError
+from summarizer.sweep import read_result
+from summarizer.tracking import flatten
+from summarizer.train import last_good_checkpoint
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"  # the resolved config a run writes first: the mark of a run's folder
+RUN_ID = "mlflow_run_id"
+# Settings that do not change what the run computes (a run folder may be moved, then resumed).
+MAY_DIFFER = ("train.resume", "cache_dir", "output_dir")
+
+
+@dataclass(frozen=True)
+class Resume:
+    checkpoint: Path
+    mlflow_run_id: str | None
+
+
+def prepare(cfg: DictConfig, out: Path) -> Resume | None:
+    """Check `out` before anything is written: None for a new run (refused where a run already is),
+    else what to continue from. Errors are one line naming the folder and the fix."""
+    saved = out / CONFIG
+    if not cfg.train.resume:
+        if saved.exists():
+            raise UserError(
+                f"output_dir={out} already holds a run ({CONFIG}); add train.resume=true to "
+                "continue it, or pick another hydra.run.dir"
+            )
+        return None
+    if not saved.is_file():
+        raise UserError(
+            f"train.resume=true: {out} holds no run to continue (no {CONFIG}); pass the run's "
+            "folder: hydra.run.dir=outputs/<date>/<time>_<model>"
+        )
+    result = read_result(out)
+    if result and result.get("state") == "COMPLETE":
+        raise UserError(f"train.resume=true: the run in {out} already finished (result.json)")
+    changed = _changes(saved, cfg)
+    if changed:
+        raise UserError(
+            f"train.resume=true: the config differs from the run in {out} ({changed}); resume "
+            f"with the same overrides, or start a new run from its checkpoints: "
+            f"train.resume_from={out / 'checkpoints'}"
+        )
+    checkpoint = last_good_checkpoint(out / "checkpoints")
+    run_id = (out / RUN_ID).read_text("utf-8").strip() if (out / RUN_ID).is_file() else None
+    if cfg.tracking.enabled and not run_id:
+        log.warning("%s has no %s: the resumed run gets a new MLflow run", out, RUN_ID)
+    log.info("resuming the run in %s from %s", out, checkpoint.name)
+    return Resume(checkpoint, run_id or None)
+
+
+def _changes(saved: Path, cfg: DictConfig) -> str:
+    """'key: before -> now' for the first settings that differ from the saved config."""
+    try:
+        before = flatten(OmegaConf.to_container(OmegaConf.load(saved)))
+    except Exception as e:  # YAML or OmegaConf errors: the file was damaged
+        raise UserError(f"train.resume=true: {saved} is unreadable ({type(e).__name__})") from e
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(
+        k for k in before.keys() | now.keys() if k not in MAY_DIFFER and before.get(k) != now.get(k)
+    )
+    shown = ", ".join(f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _short(value: str | None) -> str:
+    text = repr(value) if value is None or "\n" in value else value
+    return text if len(text) <= 60 else text[:57] + "..."
