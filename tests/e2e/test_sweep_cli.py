@@ -127,6 +127,9 @@ def test_ctrl_c_leaves_the_study_resumable(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job (how CI may run) starts with SIGINT ignored, and Python then
+        # installs no Ctrl-C handler: restore it, as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # The job writes its MLflow run id once the model is loaded, just before training starts.
     started = tmp_path / "sweep" / "trial_0000" / "mlflow_run_id"
