@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from summarizer.config import LoraConfig, ModelConfig, QuantConfig
-from summarizer.errors import UserError
+from summarizer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as e:
             if cfg.source != "hub":
-                raise UserError(f"model={cfg.name}: cannot load {path}: {_first_line(e)}") from e
+                raise UserError(f"model={cfg.name}: cannot load {path}: {first_line(e)}") from e
             raise UserError(
                 f"model={cfg.name}: cannot load '{cfg.path}' from the Hugging Face hub or its local "
-                f"cache ({'hub unreachable' if offline else 'hub error'}: {_first_line(e)[:200]}); "
+                f"cache ({'hub unreachable' if offline else 'hub error'}: {first_line(e)[:200]}); "
                 f"use a local preset: model={cfg.local_alternative}"
             ) from e
 
@@ -148,11 +148,6 @@ def quantization_config(quant: QuantConfig):
     if quant.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise UserError(f"quant.method={quant.method!r}: expected nf4, fp4, int8 or none")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # --- GGUF presets: read the .gguf once, keep a plain HF copy (seconds instead of a minute) ---------
@@ -316,7 +311,7 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
-        raise UserError(f"lora.target_modules={list(cfg.target_modules)}: {_first_line(e)}") from e
+        raise UserError(f"lora.target_modules={list(cfg.target_modules)}: {first_line(e)}") from e
 
 
 def load_adapter(model, path: str):

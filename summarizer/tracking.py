@@ -18,7 +18,7 @@ from urllib.request import getproxies, proxy_bypass
 from transformers import TrainerCallback
 
 from summarizer.config import TrackingConfig
-from summarizer.errors import UserError
+from summarizer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def preflight(cfg: TrackingConfig, uri: str) -> None:
     try:
         mlflow.set_experiment(cfg.experiment)
     except Exception as e:  # MLflow raises many types for an unusable store
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"tracking.uri={uri}: MLflow store not usable ({first[:300]})") from e
 
 
