@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run zero-shot predict sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean
+.PHONY: help install run zero-shot predict sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,16 @@ sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. m
 
 sweep-report: $(STAMP) ## regenerate plots + best-trial summary of a sweep (multirun/$(SWEEP)/report, MLflow)
 	$(PY) -m summarizer.report $(SWEEP) $(ARGS)
+
+SERVICES_DIR ?= .services
+SERVICES_HOST ?= 127.0.0.1
+PG_PORT ?= 5433
+MLFLOW_PORT ?= 5050
+services-up: $(STAMP) ## PostgreSQL + an MLflow server for multi-worker sweeps; prints the exports (SERVICES_HOST=0.0.0.0 for other machines)
+	$(PY) -m summarizer.services up --dir $(SERVICES_DIR) --host $(SERVICES_HOST) --pg-port $(PG_PORT) --mlflow-port $(MLFLOW_PORT) $(ARGS)
+
+services-down: $(STAMP) ## stop them (the data stays in .services, or SERVICES_DIR)
+	$(PY) -m summarizer.services down --dir $(SERVICES_DIR)
 
 gpu-models: $(STAMP) ## pack wheels, data and the Gemma GGUF in <64 MiB pieces for an offline GPU machine (.gpu/)
 	bash scripts/gpu/prep.sh

@@ -64,6 +64,11 @@ def cli() -> None:
             raise
         print(f"error: {setup_error(e)}", file=sys.stderr)
         sys.exit(2)
+    except UserError as e:  # the sweeper's (storage, launcher); a single run reports its own
+        if not _ours:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_error(e: BaseException) -> str:

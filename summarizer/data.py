@@ -1,4 +1,8 @@
-"""Load and validate dialogue data (CSV, JSON, JSONL) and split it into train/validation."""
+"""Load and validate task data (CSV, JSON, JSONL) and split it into train/validation.
+
+Whatever the task, a row becomes an Example: its input field (data.dialogue_column, by default the
+task's input_field) is `dialogue`, its target field (data.summary_column) is `summary`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from summarizer.config import DataConfig
 from summarizer.errors import UserError
+from summarizer.lists import numbered
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,8 @@ def load(cfg: DataConfig, path: str | None = None, require_summary: bool = True)
     if missing:
         raise UserError(
             f"{path}: missing column(s) {missing}; found {sorted(columns)} "
-            f"(set data.id_column / data.dialogue_column / data.summary_column)"
+            f"(set data.id_column / data.dialogue_column / data.summary_column; the last two "
+            "default to task.input_field / task.target_field)"
         )
 
     examples, seen, skipped = [], {}, 0
@@ -130,8 +136,22 @@ def load(cfg: DataConfig, path: str | None = None, require_summary: bool = True)
         if ex_id in seen:
             raise UserError(f"{path}: duplicate id '{ex_id}' in rows {seen[ex_id]} and {n}")
         seen[ex_id] = n
-        dialogue = _text(rec.get(cfg.dialogue_column))
-        summary = _text(rec.get(cfg.summary_column)) if cfg.summary_column in rec else None
+        # A JSON record may lack a field that others have (a CSV row always has every column).
+        absent = [c for c in needed[1:] if c not in rec]
+        if absent:
+            if cfg.skip_invalid_rows:
+                skipped += 1
+                continue
+            raise UserError(
+                f"{where}: missing '{'/'.join(absent)}' (fix the row or set "
+                "data.skip_invalid_rows=true)"
+            )
+        dialogue = _text(rec.get(cfg.dialogue_column), where, cfg.dialogue_column)
+        summary = (
+            _text(rec.get(cfg.summary_column), where, cfg.summary_column, as_list=True)
+            if cfg.summary_column in rec
+            else None
+        )
         empty = [c for c, v in [(cfg.dialogue_column, dialogue)] if not v]
         if require_summary and not summary:
             empty.append(cfg.summary_column)
@@ -142,17 +162,32 @@ def load(cfg: DataConfig, path: str | None = None, require_summary: bool = True)
             raise UserError(
                 f"{where}: empty '{'/'.join(empty)}' (fix the row or set data.skip_invalid_rows=true)"
             )
-        topic = _text(rec.get(cfg.topic_column)) if cfg.topic_column else None
+        topic = (
+            _text(rec.get(cfg.topic_column), where, cfg.topic_column) if cfg.topic_column else None
+        )
         examples.append(Example(ex_id, dialogue, summary or None, topic or None))
     if skipped:
-        log.warning("%s: skipped %d row(s) with an empty dialogue or summary", path, skipped)
+        log.warning("%s: skipped %d row(s) with a missing or empty input or target", path, skipped)
     if not examples:
         raise UserError(f"{path}: no usable rows")
     return examples
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
+def _text(value, where: str = "", column: str = "", as_list: bool = False) -> str:
+    """A cell as stripped text. With `as_list`, a JSON list of strings (sub-questions, say) becomes
+    the numbered list "1. ...\n2. ..." that the model learns to write."""
+    if value is None:
+        return ""
+    if isinstance(value, list) and as_list:
+        for i, item in enumerate(value, 1):
+            if not isinstance(item, str) or not item.strip():
+                what = "empty" if isinstance(item, str) else f"not text ({type(item).__name__})"
+                raise UserError(f"{where}: '{column}' item {i} is {what}")
+        return numbered(value)
+    if isinstance(value, (list, dict)):
+        kind = "a list" if isinstance(value, list) else "an object"
+        raise UserError(f"{where}: '{column}' is {kind}; expected text")
+    return str(value).strip()
 
 
 def split(

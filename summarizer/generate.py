@@ -2,18 +2,73 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from summarizer.config import GenerateConfig
+from summarizer.errors import UserError
 
 
 class NewlineAfterText(StoppingCriteria):
     """Stop a row once it has written some text and then a newline (summaries are one line).
 
     Base models often start with a newline after 'Summary:', so a plain newline stop would end at once.
+    Decided from the last token alone, on the device (no decoding of the whole output each step, no
+    host sync): each vocabulary entry is classified once per tokenizer (`_token_kinds`).
     """
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.kinds = _token_kinds(tokenizer)
+        self.prompt_width = prompt_width
+        self.seen_text = None
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        if self.kinds.device != input_ids.device:
+            self.kinds = self.kinds.to(input_ids.device)
+        last = input_ids[:, -1].clamp(max=len(self.kinds) - 1)
+        kind = self.kinds[last]
+        if self.seen_text is None:
+            self.seen_text = torch.zeros_like(last, dtype=torch.bool)
+        done = (kind & NL_AFTER_TEXT != 0) | (self.seen_text & (kind & NEWLINE != 0))
+        self.seen_text |= kind & TEXT != 0
+        return done
+
+
+TEXT, NEWLINE, NL_AFTER_TEXT = 1, 2, 4  # bits of a token's kind
+
+
+def _token_kinds(tokenizer) -> torch.Tensor:
+    """Per token id: has non-space text, has a newline, has a newline after its own text."""
+    cached = getattr(tokenizer, "_summarizer_token_kinds", None)
+    if cached is not None:
+        return cached
+    size = len(tokenizer)
+    pieces = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=True)
+    kinds = torch.zeros(size + 1, dtype=torch.uint8)  # + one slot for ids past the tokenizer
+    for i, piece in enumerate(pieces):
+        text = piece.strip()
+        kind = (TEXT if text else 0) | (NEWLINE if "\n" in piece else 0)
+        if text and "\n" in piece.lstrip():
+            kind |= NL_AFTER_TEXT
+        kinds[i] = kind
+    try:
+        tokenizer._summarizer_token_kinds = kinds
+    except AttributeError:
+        pass
+    return kinds
+
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")  # an empty line: the end of a multi-line list
+
+
+class BlankLineAfterText(StoppingCriteria):
+    """Stop a row once it has written some text and then an empty line (generate.stop_at_blank_line):
+    a numbered list spans lines, and a base model goes on after it with an empty line and a new
+    "Question:". Decodes the row's new text each step: lists are short, and a token that ends a line
+    may or may not start the blank one, which the last token alone cannot tell."""
 
     def __init__(self, tokenizer, prompt_width: int):
         self.tokenizer = tokenizer
@@ -23,14 +78,26 @@ class NewlineAfterText(StoppingCriteria):
         new = self.tokenizer.batch_decode(
             input_ids[:, self.prompt_width :], skip_special_tokens=True
         )
-        done = ["\n" in text.lstrip() for text in new]
+        done = [bool(_BLANK_LINE.search(text.lstrip())) for text in new]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def clean(text: str, stop_at_newline: bool) -> str:
+def use_merged(cfg: GenerateConfig, quant) -> bool:
+    """Whether to generate with a merged bf16 copy of the model (see GenerateConfig.merge)."""
+    choice = str(cfg.merge).lower()
+    if choice not in ("auto", "true", "false"):
+        raise UserError(f"generate.merge={cfg.merge!r}: expected auto, true or false")
+    if choice == "auto":
+        return torch.cuda.is_available() and quant.method != "none"
+    return choice == "true"
+
+
+def clean(text: str, stop_at_newline: bool, stop_at_blank_line: bool = False) -> str:
     text = text.strip()
     if stop_at_newline:
         text = text.split("\n", 1)[0].strip()
+    elif stop_at_blank_line:
+        text = _BLANK_LINE.split(text, maxsplit=1)[0].strip()
     return text
 
 
@@ -57,6 +124,8 @@ def summaries(
         stopping = StoppingCriteriaList(
             [NewlineAfterText(tokenizer, width)] if cfg.stop_at_newline else []
         )
+        if cfg.stop_at_blank_line and not cfg.stop_at_newline:
+            stopping.append(BlankLineAfterText(tokenizer, width))
         with torch.inference_mode():
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -75,5 +144,5 @@ def summaries(
             )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for row, i in enumerate(idx):
-            out[i] = clean(texts[row], cfg.stop_at_newline)
+            out[i] = clean(texts[row], cfg.stop_at_newline, cfg.stop_at_blank_line)
     return out

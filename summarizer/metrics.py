@@ -13,9 +13,17 @@ from functools import lru_cache
 from rouge_score import rouge_scorer
 from rouge_score import tokenizers as rouge_tokenizers
 
+from summarizer.config import TaskConfig
 from summarizer.errors import UserError
+from summarizer.lists import count_items, split_items
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+# task.metrics names and the scores each adds (any of them can be task.objective)
+METRICS = {
+    "rouge": (*ROUGE_TYPES, "rouge_sum", "final"),
+    "subq_count": ("subq_count_acc", "subq_count_mae"),
+}
+TARGET_FORMATS = ("text", "numbered_list")
 _SPECIAL = re.compile(r"(#[A-Za-z]+\d*#)")  # #Person1#, #PhoneNumber#, #Address# ...
 
 
@@ -88,3 +96,63 @@ def rouge(
     result["rouge_sum"] = sum(result[k] for k in ROUGE_TYPES)
     result["final"] = result["rouge_sum"] / 3
     return result
+
+
+def check_task(cfg: TaskConfig) -> None:
+    """Fail before training, not after, on a metric name or objective that cannot be computed."""
+    unknown = [name for name in cfg.metrics if name not in METRICS]
+    if unknown or not cfg.metrics:
+        raise UserError(
+            f"task.metrics={list(cfg.metrics)}: expected one or more of {', '.join(METRICS)}"
+        )
+    keys = [key for name in cfg.metrics for key in METRICS[name]]
+    if cfg.objective not in keys:
+        raise UserError(
+            f"task.objective={cfg.objective!r} is not a score of task.metrics={list(cfg.metrics)} "
+            f"(they give {', '.join(keys)})"
+        )
+    if cfg.target_format not in TARGET_FORMATS:
+        raise UserError(
+            f"task.target_format={cfg.target_format!r}: expected {' or '.join(TARGET_FORMATS)}"
+        )
+
+
+def score(
+    cfg: TaskConfig,
+    predictions: list[str],
+    references: list[str],
+    tokenizer: str = "mecab",
+    keep_special_tokens: bool = True,
+) -> dict[str, float]:
+    """The task's metrics over the validation rows, in the order task.metrics lists them."""
+    scores: dict[str, float] = {}
+    for name in cfg.metrics:
+        if name == "rouge":
+            # A list's words, not its "1." "2." markers, which every list shares for free.
+            as_items = cfg.target_format == "numbered_list"
+            preds = _items(predictions) if as_items else predictions
+            refs = _items(references) if as_items else references
+            scores.update(rouge(preds, refs, tokenizer, keep_special_tokens))
+        elif name == "subq_count":
+            scores.update(subq_count(predictions, references))
+        else:
+            check_task(cfg)  # names the unknown metric
+    return scores
+
+
+def subq_count(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Sub-question count: the share of rows whose prediction lists as many items as the reference
+    (0-1), and the mean absolute difference in items."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    diffs = [abs(count_items(p) - count_items(r)) for p, r in zip(predictions, references)]
+    return {
+        "subq_count_acc": sum(d == 0 for d in diffs) / len(diffs),
+        "subq_count_mae": sum(diffs) / len(diffs),
+    }
+
+
+def _items(texts: list[str]) -> list[str]:
+    return ["\n".join(split_items(text)) for text in texts]

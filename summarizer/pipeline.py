@@ -1,7 +1,7 @@
 """The whole job, top to bottom: data -> prompts -> model -> train -> generate -> ROUGE -> MLflow.
 
-`run(cfg)` returns the objective a sweeper maximises: ROUGE-1 + ROUGE-2 + ROUGE-L F1 (x 100) on the
-validation split. Every file a run writes lands in `cfg.output_dir` (a fresh folder per run).
+`run(cfg)` returns the objective a sweeper maximises: the task's `objective` score on the validation
+split, by default ROUGE-1 + ROUGE-2 + ROUGE-L F1 (x 100). Every file a run writes lands in `cfg.output_dir` (a fresh folder per run).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from summarizer import (
     augment,
     data,
+    distributed,
     generate,
     metrics,
     model,
@@ -37,12 +38,19 @@ def run(cfg: DictConfig) -> float:
     out = Path(cfg.output_dir)
     _check_writable(out)
     resumed = resume.prepare(cfg, out)  # train.resume=true: this folder's checkpoint and MLflow run
+    nproc = distributed.processes(cfg)  # trainer=ddp: one process per GPU
+    if nproc > 1:  # this process starts the workers (each runs this function) and waits for them
+        return distributed.launch(cfg, out, nproc, _choices())
+    distributed.setup(cfg.trainer, out)  # a DDP worker joins its group once every rank checked out
+    main = distributed.is_main()  # rank 0 (or the only process) writes files, MLflow and Optuna
     uri = tracking.resolve_uri(cfg.tracking.uri, Path.cwd())
-    tracking.preflight(cfg.tracking, uri)  # fail before hours of training, not after
-    if not resumed:  # a resumed run keeps the config it started with
+    if main:
+        tracking.preflight(cfg.tracking, uri)  # fail before hours of training, not after
+    if not resumed and main:  # a resumed run keeps the config it started with
         write_atomic(out / "config.yaml", tracking.redact(OmegaConf.to_yaml(cfg, resolve=True)))
 
     # Data: load, validate, split by id (seeded), cap for quick runs.
+    metrics.check_task(cfg.task)  # a metric or objective the task cannot score fails now
     examples = data.load(cfg.data)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
@@ -52,7 +60,8 @@ def run(cfg: DictConfig) -> float:
     train_ex = train_ex[: cfg.train.train_rows] if cfg.train.train_rows else train_ex
     val_ex = val_ex[: cfg.train.eval_rows] if cfg.train.eval_rows else val_ex
     split_ids = {"train": [e.id for e in train_ex], "validation": [e.id for e in val_ex]}
-    write_atomic(out / "split.json", json.dumps(split_ids))
+    if main:
+        write_atomic(out / "split.json", json.dumps(split_ids))
     log.info("data %s: %d train / %d validation rows", cfg.data.path, len(train_ex), len(val_ex))
     # Augmentation: generated rows join the training split only (cached per augmentation config).
     train_ex, aug_stats = augment.apply(
@@ -62,11 +71,12 @@ def run(cfg: DictConfig) -> float:
         cache_dir=cfg.cache_dir,
         model_cfg=cfg.model,
         quant_cfg=cfg.quant,
-        out_dir=out,
+        out_dir=out if main else None,
     )
 
     # Model and prompts: the same builder for training rows and generation prompts.
-    base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
+    with distributed.main_first():  # DDP: rank 0 converts / downloads, the others read the cache
+        base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
     fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
     stop_id = model.stop_token_id(cfg.model, tokenizer)
     shots = prompt.ShotSelector(cfg.prompt.fewshot, [e for e in train_ex if e.source == "original"])
@@ -74,22 +84,27 @@ def run(cfg: DictConfig) -> float:
     encode = make_encoder(cfg, tokenizer, fmt, stop_id, shots)
 
     # Tracking: one MLflow run; inside a sweep it nests under the sweep's run and reports to Optuna.
-    trial = sweep.attach(cfg.trial)
+    trial = sweep.attach(cfg.trial) if main else None
     run_name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.data.name}-{cfg.prompt.name}"
     tags = {"model": cfg.model.name, "data": cfg.data.name, "output_dir": str(out.resolve())}
-    tags.update(_choices())
+    tags.update(_choices() or distributed.launcher_tags())
+    if distributed.world_size() > 1:
+        tags["ddp.world_size"] = str(distributed.world_size())
     if trial:
         run_name = f"{cfg.trial.study}-trial-{trial.number}"
         tags.update({"optuna.study": cfg.trial.study, "optuna.trial": str(trial.number)})
     checkpoint, run_id = (resumed.checkpoint, resumed.mlflow_run_id) if resumed else (None, None)
     if checkpoint:
         tags["resumed_from"] = checkpoint.name
-    callbacks = [tracking.MlflowMetrics()] + ([sweep.ReportToTrial(trial)] if trial else [])
+    # In a sweep every DDP rank gets the pruning callback: rank 0 decides, all stop together.
+    in_sweep = cfg.trial.number is not None
+    callbacks = [tracking.MlflowMetrics()] + ([sweep.ReportToTrial(trial)] if in_sweep else [])
     params = OmegaConf.to_container(cfg, resolve=True)
     parent = cfg.trial.parent_run_id
     try:
+        tracking_cfg = cfg.tracking if main else OmegaConf.merge(cfg.tracking, {"enabled": False})
         with tracking.run(
-            cfg.tracking, uri, run_name, params, tags, parent, (optuna.TrialPruned,), run_id
+            tracking_cfg, uri, run_name, params, tags, parent, (optuna.TrialPruned,), run_id
         ) as r:
             if r:
                 write_atomic(out / "mlflow_run_id", r.info.run_id)
@@ -105,12 +120,21 @@ def run(cfg: DictConfig) -> float:
                     cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks, checkpoint
                 )
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
+            elif cfg.adapter:
+                lm = model.load_adapter(base, cfg.adapter)
+            if not main:  # the other DDP ranks only train; rank 0 saves, generates and scores
+                return float("nan")
+            if cfg.stages.train:
                 lm.save_pretrained(out / "adapter")
                 tokenizer.save_pretrained(out / "adapter")
                 if cfg.tracking.log_adapter:
                     tracking.log_artifact(out / "adapter")
-            elif cfg.adapter:
-                lm = model.load_adapter(base, cfg.adapter)
+            if (cfg.stages.evaluate or cfg.stages.predict_test) and generate.use_merged(
+                cfg.generate, cfg.quant
+            ):  # a 4-bit model decodes ~8x slower than a bf16 copy with the adapter merged in
+                lm = model.merged_for_generation(lm)
+                base = None
+                model.free_memory()
 
             objective, scores = float("nan"), {}
             if cfg.stages.evaluate:
@@ -119,8 +143,8 @@ def run(cfg: DictConfig) -> float:
                 )
                 tracking.log_metrics(scores)
                 tracking.log_artifact(out / "predictions.csv")
-                log.info("validation ROUGE (%s): %s", cfg.metric.tokenizer, _fmt(scores))
-                objective = scores["rouge_sum"]
+                log.info("validation scores (%s): %s", cfg.metric.tokenizer, _fmt(scores))
+                objective = scores[cfg.task.objective]  # rouge_sum unless the task says otherwise
 
             if cfg.stages.predict_test:
                 predict_test(cfg, lm, tokenizer, encode, stop_id, out / "submission.csv")
@@ -129,7 +153,8 @@ def run(cfg: DictConfig) -> float:
             tracking.log_artifact(out / "split.json")
     except optuna.TrialPruned as e:
         log.info("%s", e)
-        sweep.write_result(out, "PRUNED", None)
+        if main:
+            sweep.write_result(out, "PRUNED", None)
         return float("nan")
     adapter = str((out / "adapter").resolve()) if cfg.stages.train else cfg.adapter
     sweep.write_result(out, "COMPLETE", objective, metrics=scores, adapter=adapter)
@@ -142,7 +167,7 @@ def evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[st
     seconds = time.perf_counter() - start
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     refs = [ex.summary for ex in val_ex]
-    scores = metrics.rouge(preds, refs, tok, cfg.metric.keep_special_tokens)
+    scores = metrics.score(cfg.task, preds, refs, tok, cfg.metric.keep_special_tokens)
     rows = [[ex.id, p, ex.summary] for ex, p in zip(val_ex, preds)]
     write_csv(path, ["fname", "prediction", "reference"], rows)
     return {**scores, "generate_seconds_per_row": seconds / len(val_ex)}
@@ -215,7 +240,7 @@ def _choices() -> dict[str, str]:
 
 
 def _fmt(scores: dict) -> str:
-    keys = (*metrics.ROUGE_TYPES, "rouge_sum", "final")
+    keys = [k for name in metrics.METRICS.values() for k in name if k in scores]
     return " ".join(f"{k}={scores[k]:.2f}" for k in keys)
 
 

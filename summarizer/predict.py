@@ -3,10 +3,11 @@
     python -m summarizer.predict outputs/<day>/<run> --input dialogues.csv [--output preds.csv]
     echo "#Person1#: ... " | python -m summarizer.predict outputs/<day>/<run> --input -
 
-The run's saved config.yaml fixes the model, prompt and few-shot settings, so prompts are built
+The run's saved config.yaml fixes the model, task, prompt and few-shot settings, so prompts are built
 exactly as in training (few-shot examples come from the run's training split, read from its data
-file and split.json). Input: CSV, JSON or JSONL with the run's id and dialogue columns, or one
-dialogue on stdin (the summary is printed). Output: `,fname,summary` like the competition's
+file and split.json) and generation keeps the task's max_new_tokens and stop rule. Input: CSV, JSON
+or JSONL with the run's id and input columns (a task=question_decomposition run: `id`, `question`),
+or one input on stdin (the output is printed). Output: `,fname,summary` like the competition's
 sample submission, written atomically; an existing file is never overwritten.
 """
 

@@ -2,6 +2,12 @@
 parent MLflow run. Runs at the end of every sweep; `make sweep-report SWEEP=<name>` regenerates it.
 
     python -m summarizer.report <study> [--storage sqlite:///multirun/optuna.db] [--out DIR]
+        [--tracking-uri sqlite:///mlflow.db]
+
+Everything comes from the shared stores — the study (trials, best trial, its metrics and adapter
+path) and the MLflow server — so any machine of a multi-machine sweep can make it:
+
+    python -m summarizer.report tiny_cpu --storage $SWEEP_STORAGE --tracking-uri $TRACKING_URI
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from summarizer.config import TrackingConfig
 from summarizer.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -40,19 +47,30 @@ def summary(study: optuna.Study) -> dict:
     }
     if done:
         best = study.best_trial
-        result_file = Path(best.user_attrs.get("output_dir", "")) / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        attrs = best.user_attrs
+        if "metrics" in attrs:  # kept in the study by the sweeper: readable from any machine
+            result = {"metrics": attrs["metrics"], "adapter": attrs.get("adapter")}
+        else:  # a study from before that: the trial's folder, where it still is
+            result_file = Path(attrs.get("output_dir", "")) / "result.json"
+            result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         out["best"] = {
             "number": best.number,
             "value": best.value,
             "params": best.params,
-            "overrides": best.user_attrs.get("overrides"),
-            "output_dir": best.user_attrs.get("output_dir"),
+            "overrides": attrs.get("overrides"),
+            "worker": attrs.get("worker"),  # host:pid: the adapter is on that host
+            "output_dir": attrs.get("output_dir"),
             "adapter": result.get("adapter"),
             "metrics": result.get("metrics", {}),
         }
     out["all"] = [
-        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "worker": t.user_attrs.get("worker"),
+        }
         for t in trials
     ]
     return out
@@ -63,8 +81,10 @@ def report(
     out_dir: Path,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
-    finished: bool = True,
+    status: str | None = "FINISHED",
 ) -> dict:
+    """Write the summary and plots to `out_dir` and to the parent run, then end that run with
+    `status` (None: leave it running, as while other workers still run trials)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info = summary(study)
     write_atomic(out_dir / "summary.json", json.dumps(info, indent=2, ensure_ascii=False))
@@ -82,12 +102,12 @@ def report(
         write_atomic(out_dir / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
         written.append(f"{name}.html")
     if tracking_uri and parent_run_id:
-        _to_mlflow(tracking_uri, parent_run_id, info, out_dir, finished)
+        _to_mlflow(tracking_uri, parent_run_id, info, out_dir, status)
     log.info("sweep report: %s (%s)", out_dir, ", ".join(written))
     return info
 
 
-def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, finished: bool) -> None:
+def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | None) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -102,12 +122,14 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, finished: bool)
         client.set_tag(run_id, "best.overrides", best["overrides"] or "")
         client.set_tag(run_id, "best.adapter", best["adapter"] or "")
     client.log_artifacts(run_id, str(out_dir), artifact_path="report")
-    client.set_terminated(run_id, status="FINISHED" if finished else "KILLED")
+    if status:
+        client.set_terminated(run_id, status=status)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from summarizer.sweeper import resolve_storage
-    from summarizer.tracking import resolve_uri
+    from summarizer.errors import UserError
+    from summarizer.sweeper import check_storage, resolve_storage, shown
+    from summarizer.tracking import preflight, resolve_uri
 
     p = argparse.ArgumentParser(
         prog="python -m summarizer.report", description=__doc__.split("\n")[0]
@@ -120,21 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     url = resolve_storage(args.storage, Path.cwd())
+    uri = resolve_uri(args.tracking_uri, Path.cwd())
     try:
+        check_storage(url)
         study = optuna.load_study(study_name=args.study, storage=url)
+        preflight(TrackingConfig(uri=uri, experiment=args.experiment), uri)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(url)]
-        print(f"error: no study {args.study!r} in {url} (studies: {names})", file=sys.stderr)
+        print(f"error: no study {args.study!r} in {shown(url)} (studies: {names})", file=sys.stderr)
         return 2
-    uri = resolve_uri(args.tracking_uri, Path.cwd())
     from summarizer.tracking import parent_run
 
-    parent = parent_run(uri, args.experiment, args.study, url)
-    done = sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials
-    )
+    parent = parent_run(uri, args.experiment, args.study, shown(url))
+    states = [t.state for t in study.trials]
+    done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for s in states)
+    # A sweep still running (other workers) keeps its parent run open; its last worker ends it.
+    status = None if TrialState.RUNNING in states else ("FINISHED" if done else "KILLED")
     info = report(
-        study, args.out or Path("multirun") / args.study / "report", uri, parent, finished=done > 0
+        study, args.out or Path("multirun") / args.study / "report", uri, parent, status=status
     )
     best = info["best"]
     print(json.dumps(best, indent=2, ensure_ascii=False) if best else "no finished trial yet")

@@ -24,7 +24,14 @@ log = logging.getLogger(__name__)
 CONFIG = "config.yaml"  # the resolved config a run writes first: the mark of a run's folder
 RUN_ID = "mlflow_run_id"
 # Settings that do not change what the run computes (a run folder may be moved, then resumed).
-MAY_DIFFER = ("train.resume", "cache_dir", "output_dir")
+# trainer.backend / master_port only say how the DDP ranks talk.
+MAY_DIFFER = (
+    "train.resume",
+    "cache_dir",
+    "output_dir",
+    "trainer.backend",
+    "trainer.master_port",
+)
 
 
 @dataclass(frozen=True)

@@ -46,22 +46,38 @@ def attach(cfg: TrialConfig) -> optuna.Trial | None:
         study_name=cfg.study, storage=cfg.storage, pruner=build_pruner(cfg.pruner)
     )
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, cfg.number)
+    state = study._storage.get_trial(trial_id).state
+    if state != optuna.trial.TrialState.RUNNING:  # e.g. a queued job whose worker died meanwhile
+        raise UserError(
+            f"trial {cfg.number} of study {cfg.study!r} is {state.name}, not RUNNING: its sweeper "
+            "gave it up (or another worker retried it); this job stops"
+        )
     return optuna.trial.Trial(study, trial_id)
 
 
 class ReportToTrial(TrainerCallback):
-    """At each evaluation: report -eval_loss (higher is better, like the objective) and prune."""
+    """At each evaluation: report -eval_loss (higher is better, like the objective) and prune.
 
-    def __init__(self, trial: optuna.Trial):
+    Under DDP only rank 0 holds the trial (`trial` is None on the others): it decides and every rank
+    gets its decision, so all stop at the same step instead of the others waiting in the next
+    collective for a rank 0 that has left."""
+
+    def __init__(self, trial: optuna.Trial | None):
         self.trial = trial
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from summarizer import distributed
+
         if not metrics or "eval_loss" not in metrics:
             return
-        self.trial.report(-float(metrics["eval_loss"]), step=state.global_step)
-        if self.trial.should_prune():
+        number = None
+        if self.trial is not None:
+            self.trial.report(-float(metrics["eval_loss"]), step=state.global_step)
+            number = self.trial.number if self.trial.should_prune() else None
+        number = distributed.from_main(number)  # the trial number when pruned, else None
+        if number is not None:
             raise optuna.TrialPruned(
-                f"trial {self.trial.number} pruned at step {state.global_step} "
+                f"trial {number} pruned at step {state.global_step} "
                 f"(eval_loss {metrics['eval_loss']:.4f})"
             )
 

@@ -15,8 +15,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import getproxies, proxy_bypass
 
-from transformers import TrainerCallback
-
 from summarizer.config import TrackingConfig
 from summarizer.errors import UserError, first_line
 
@@ -63,11 +61,16 @@ def _secrets() -> tuple[str, ...]:
     return tuple(sorted((v for v in values if len(v) >= 8), key=len, reverse=True))
 
 
+# The password of a URL (postgresql+psycopg://user:password@host/db): a sweep passes its storage URL
+# to every trial, whose config becomes MLflow params.
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@", re.IGNORECASE)
+
+
 def redact(text: str) -> str:
-    """`text` with every secret value (see `_secrets`) replaced by ***."""
+    """`text` with every secret value (see `_secrets`) and URL password replaced by ***."""
     for secret in _secrets():
         text = text.replace(secret, "***")
-    return text
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class RedactSecrets(logging.Filter):
@@ -206,20 +209,30 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-class MlflowMetrics(TrainerCallback):
-    """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step."""
+def __getattr__(name: str):
+    """`MlflowMetrics` is defined on first use: it subclasses transformers' TrainerCallback, an
+    import of 10-15 s on a small CPU that the sweeper process and the report never need."""
+    if name != "MlflowMetrics":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers import TrainerCallback
 
-    NAMES = {
-        "loss": "train_loss",
-        "eval_loss": "eval_loss",
-        "learning_rate": "lr",
-        "grad_norm": "grad_norm",
-    }
+    class MlflowMetrics(TrainerCallback):
+        """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
-        if metrics:
-            log_metrics(metrics, step=state.global_step)
+        NAMES = {
+            "loss": "train_loss",
+            "eval_loss": "eval_loss",
+            "learning_rate": "lr",
+            "grad_norm": "grad_norm",
+        }
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
+            if metrics:
+                log_metrics(metrics, step=state.global_step)
+
+    globals()["MlflowMetrics"] = MlflowMetrics
+    return MlflowMetrics
 
 
 def parent_run(uri: str, experiment: str, study: str, storage: str) -> str:
@@ -244,6 +257,26 @@ def parent_run(uri: str, experiment: str, study: str, storage: str) -> str:
         tags={"sweep.study": study, "sweep.role": "parent", "sweep.storage": storage},
     )
     return run.info.run_id
+
+
+def end_trial_runs(uri: str, parent_run_id: str, number: int, status: str, state: str) -> int:
+    """End the still-RUNNING runs of sweep trial `number` under `parent_run_id` (its job died
+    with its worker, or was cut off); found by tags, from any machine. Returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs(
+        [experiment],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`optuna.trial` = '{number}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
+    for r in found:
+        client.set_tag(r.info.run_id, "state", state)
+        client.set_terminated(r.info.run_id, status=status)
+    return len(found)
 
 
 def end_run_if_running(uri: str, run_id: str, status: str, state: str) -> None:

@@ -17,6 +17,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from summarizer import distributed, packing
 from summarizer.config import TrainConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
@@ -56,8 +57,10 @@ def completion_loss(model, batch: dict, num_items: int | torch.Tensor | None = N
     262k-vocabulary model on CPU that projection is most of the step (FACTS: 3x faster). Returns
     (sum of token losses / num_items, model outputs); num_items defaults to this batch's token count.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
     labels = batch["labels"]
+    if "cu_seq_lens_q" in batch:  # a packed row: completions are spread along it
+        return _packed_loss(model, inputs, labels, num_items)
     supervised = labels != IGNORE_INDEX
     first = int(torch.where(supervised.any(1), supervised.float().argmax(1), labels.shape[1]).min())
     keep = max(1, labels.shape[1] - first + 1)
@@ -69,6 +72,21 @@ def completion_loss(model, batch: dict, num_items: int | torch.Tensor | None = N
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
+    )
+    count = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
+
+
+def _packed_loss(model, inputs: dict, labels: torch.Tensor, num_items):
+    """Loss of a packed (1, L) row: the LM head runs only at positions whose next token is
+    supervised (`logits_to_keep` as an index tensor), so no (L x vocabulary) logits are made."""
+    where = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+    if where.numel() == 0:  # nothing supervised (a bin of fully truncated rows): zero, with grads
+        where = torch.zeros(1, dtype=torch.long, device=labels.device)
+    outputs = model(**inputs, use_cache=False, logits_to_keep=where)
+    targets = labels[0, where + 1]
+    loss = F.cross_entropy(
+        outputs.logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
     count = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
@@ -92,6 +110,7 @@ class CompletionOnlyTrainer(SFTTrainer):
             state = {"train_loss_sum": total, "global_step": self.state.global_step}
             write_atomic(folder / LOSS_STATE, json.dumps(state))
         super()._save_checkpoint(model, trial)  # ends with trainer_state.json
+        self.accelerator.wait_for_everyone()  # DDP: every rank's rng_state_N.pth is in, then hash
         if self.args.should_save:
             write_manifest(folder)
 
@@ -100,7 +119,8 @@ class CompletionOnlyTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
         if model.training:
-            self.tokens_seen += int(inputs["attention_mask"].sum())
+            real = inputs.get("num_tokens")  # packed rows: tokens before the fill
+            self.tokens_seen += int(real if real is not None else inputs["attention_mask"].sum())
         return (loss, outputs) if return_outputs else loss
 
 
@@ -266,6 +286,9 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         )
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
+    bins = cfg.packing and cfg.pack_tokens != 0  # dataset items are packed bins, not examples
+    if cfg.pack_tokens is not None and cfg.pack_tokens < 0:
+        raise UserError(f"train.pack_tokens={cfg.pack_tokens}: expected null, 0 or a token count")
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if on_gpu else "adamw_torch")
     evaluate = cfg.eval_strategy != "no"
     early_stop = evaluate and cfg.early_stopping_patience > 0
@@ -283,8 +306,9 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
+        # Packed: one item is a bin of examples already (train.pack_tokens).
+        per_device_train_batch_size=1 if bins else cfg.batch_size,
+        per_device_eval_batch_size=1 if bins else cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -308,6 +332,9 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         prediction_loss_only=True,
         dataloader_num_workers=cfg.dataloader_workers,
         use_cpu=not on_gpu,
+        # DDP: every LoRA weight gets a gradient each step; HF would otherwise search a PeftModel
+        # for unused parameters on every backward (it only skips that for a PreTrainedModel).
+        ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # HF would log a NaN loss as the running mean: hide nothing
     )
 
@@ -327,11 +354,45 @@ def fit(
     from datasets import Dataset
 
     args = training_args(cfg, output_dir / "checkpoints")
-    columns = ("input_ids", "labels")
-    train_ds = Dataset.from_dict({c: [r[c] for r in train_rows] for c in columns})
-    eval_ds = (
-        Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns}) if eval_rows else None
-    )
+    if cfg.packing and cfg.pack_tokens == 0:
+        # The padded path's batches (same examples per step, same loss), each packed into one row.
+        columns = ("input_ids", "labels")
+        train_ds = Dataset.from_dict({c: [r[c] for r in train_rows] for c in columns})
+        eval_ds = (
+            Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns})
+            if eval_rows
+            else None
+        )
+
+        def collator(rows):
+            return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
+    elif cfg.packing:
+        # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
+        budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
+        train_ds = _packed_dataset(train_rows, budget)
+        eval_ds = _packed_dataset(eval_rows, budget) if eval_rows else None
+        log.info(
+            "packing: %d training rows into %d rows of <= %d tokens",
+            len(train_rows),
+            len(train_ds),
+            budget,
+        )
+
+        def collator(items):
+            rows = [r for item in items for r in _unbin(item)]
+            return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
+    else:
+        columns = ("input_ids", "labels")
+        train_ds = Dataset.from_dict({c: [r[c] for r in train_rows] for c in columns})
+        eval_ds = (
+            Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns})
+            if eval_rows
+            else None
+        )
+
+        def collator(rows):
+            return collate(rows, tokenizer.pad_token_id)
+
     if args.eval_strategy != "no" and eval_ds is None:
         raise UserError("train.eval_strategy needs validation rows (data.val_size > 0)")
     extra = list(callbacks or []) + [StopOnNonFinite()]
@@ -343,7 +404,7 @@ def fit(
         train_dataset=train_ds,
         eval_dataset=eval_ds if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        data_collator=lambda rows: collate(rows, tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=extra,
     )
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
@@ -356,21 +417,40 @@ def fit(
         trainer.loss_before = loss_sum or 0.0
         log.info("resuming from %s (step %d)", resume, start_step)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
+    with packing.attention(model, cfg.packing):  # varlen kernel for packed rows on CUDA
+        result = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - start
+        eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
     loss_avg = float(result.training_loss)  # HF's: over the steps of this call only
     if loss_sum is not None and result.global_step:
         ran = result.global_step - start_step
         loss_avg = (loss_sum + loss_avg * ran) / result.global_step
+    tokens = distributed.all_sum(trainer.tokens_seen)  # DDP: all ranks' tokens, the job's rate
     figures = {
         "train_loss_avg": loss_avg,
         "train_steps": int(result.global_step),
         "train_seconds": seconds,
-        "train_tokens_per_second": trainer.tokens_seen / seconds if seconds else 0.0,
+        "train_tokens_per_second": tokens / seconds if seconds else 0.0,
     }
-    if eval_ds is not None:
-        figures["eval_loss"] = _final_eval_loss(trainer, eval_ds)
+    if eval_loss is not None:
+        figures["eval_loss"] = eval_loss
     return figures
+
+
+def _packed_dataset(rows: list[dict], budget: int):
+    from datasets import Dataset
+
+    bins = packing.pack_bfd([len(r["input_ids"]) for r in rows], budget)
+    return Dataset.from_dict(
+        {
+            "input_ids": [[rows[i]["input_ids"] for i in b] for b in bins],
+            "labels": [[rows[i]["labels"] for i in b] for b in bins],
+        }
+    )
+
+
+def _unbin(item: dict) -> list[dict]:
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(item["input_ids"], item["labels"])]
 
 
 def _resume_state(checkpoint: Path) -> tuple[int, float | None]:

@@ -19,6 +19,8 @@ GROUPS = [
     "augmentation",
     "data",
     "train",
+    "trainer",
+    "task",
     "experiment",
     "sweep",
 ]

@@ -14,16 +14,31 @@ def test_clean_keeps_the_first_line():
     assert clean(" a\nb ", False) == "a\nb"
 
 
+def _stops_after(tok, prompt, text) -> list[bool]:
+    """Feed `text`'s tokens one by one, as `generate` does; the criterion's answer at each step."""
+    crit = NewlineAfterText(tok, len(prompt))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return [bool(crit(torch.tensor([prompt + ids[: n + 1]]), None)[0]) for n in range(len(ids))]
+
+
 def test_newline_stop_waits_for_text(tiny):
     _, tok = tiny
     prompt = tok("요약:", add_special_tokens=False)["input_ids"]
-    crit = NewlineAfterText(tok, len(prompt))
-    only_newline = torch.tensor([prompt + tok("\n", add_special_tokens=False)["input_ids"]])
-    text_then_newline = torch.tensor(
-        [prompt + tok("\n안녕\n", add_special_tokens=False)["input_ids"]]
-    )
-    assert not crit(only_newline, None)[0]
-    assert crit(text_then_newline, None)[0]
+    assert not any(_stops_after(tok, prompt, "\n"))
+    steps = _stops_after(tok, prompt, "\n안녕\n")
+    assert steps[-1] and not any(steps[:-1])  # stops at the newline after the text, not before
+    assert not any(_stops_after(tok, prompt, "\n\n안녕 하세요"))
+
+
+def test_newline_stop_is_per_row(tiny):
+    _, tok = tiny
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    word = tok("안녕", add_special_tokens=False)["input_ids"]
+    crit = NewlineAfterText(tok, 0)
+    first = torch.tensor([word[:1], nl[:1]])  # row 0 writes text, row 1 a leading newline
+    assert crit(first, None).tolist() == [False, False]
+    second = torch.cat([first, torch.tensor([nl[:1], nl[:1]])], 1)
+    assert crit(second, None).tolist() == [True, False]
 
 
 def test_generation_keeps_input_order_and_length(tiny):

@@ -1,0 +1,828 @@
+"""Training and generation speed: the project's GPU path against plain TRL + peft, in one run.
+
+    python benchmarks/bench.py --shape llama-1b          # on a GPU machine (make bench)
+    python benchmarks/bench.py --shape tiny --cpu-smoke  # the same code on a tiny shape, on CPU
+
+For one model shape (random weights from its config, saved to a local folder and loaded through the
+project's normal loader, nf4 QLoRA, LoRA r16 on the seven projections) and the real token lengths
+of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
+
+  a. trl_plain  TRL SFTTrainer + peft: batch 8, max length 1024, gradient checkpointing, bf16,
+                paged AdamW 32-bit, completion-only loss (the hand-written script users compare to)
+  b. trl_best   the same with TRL's own best options: packing_strategy="bfd" (padding-free) and
+                Liger kernels
+  c. ours       summarizer.train.fit as the GPU presets run it: examples packed into rows of
+                batch x max length tokens (ours_batch: the plain run's batches of 8, each packed;
+                ours_ckpt: with gradient checkpointing, for the memory it saves), FlashAttention varlen kernel (summarizer/packing.py),
+                LM head only at supervised positions, no gradient checkpointing, fused AdamW
+
+and records non-padding tokens/s, s/step, peak GPU memory, the fraction of a step the GPU is busy
+(torch profiler over a few steps), and the held-out loss after one pass over the same rows. Then it
+generates for the held-out prompts with (1) per-example `generate` on the QLoRA model, (2) plain
+batched `generate` on the QLoRA model (batch 64), (3) the project's path (summarizer.generate with
+the adapter merged into a bf16 copy of the base, length-sorted batches): new tokens/s, summaries/s,
+and ROUGE-L of the outputs against the peer's outputs and against the reference completions.
+Results: JSON under --out (and a markdown table printed, for benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import gzip
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ROWS = ROOT / "benchmarks" / "data" / "dialogsum_ko_dev_rows.json.gz"
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Random-weight shapes (configs of the public models; no weights needed).
+SHAPES = {
+    "tiny": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
+    "llama-1b": dict(  # Llama-3.2-1B
+        arch="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-3b": dict(  # Llama-3.2-3B (the 3B shape of the low-memory preset)
+        arch="llama",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(  # Qwen3-4B
+        arch="qwen3",
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "solar-10.7b": dict(  # SOLAR-10.7B: a 48-layer Llama
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+}
+FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, eos=1, bos=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="training + generation speed benchmark")
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--variants", default="trl_plain,trl_best,ours_batch,ours")
+    ap.add_argument("--train-rows", type=int, default=320)
+    ap.add_argument("--eval-rows", type=int, default=64)
+    ap.add_argument("--gen-rows", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--single-rows", type=int, default=4, help="rows for per-example generate")
+    ap.add_argument("--gen-batch", type=int, default=128, help="the project path's batch size")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-steps", type=int, default=-1, help="cap on steps (default: one epoch)")
+    ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--quant", default=None, help="nf4 (default on GPU) | none (default on CPU)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="ours: gradient checkpointing on")
+    ap.add_argument(
+        "--lowmem", action="store_true", help="peak memory of experiment=low_memory_8gb"
+    )
+    ap.add_argument("--work", default="/tmp/bench", help="shapes and checkpoints go here")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="allow running without a GPU")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        sys.exit("error: bench.py measures a GPU; none is visible (use --cpu-smoke to try it here)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    args.quant = args.quant or ("nf4" if torch.cuda.is_available() else "none")
+    path, tokenizer = make_shape(args.shape, work / "shapes")
+    train_rows, eval_rows = load_rows(args, tokenizer)
+    result = {
+        "shape": args.shape,
+        "config": SHAPES[args.shape],
+        "env": environment(),
+        "args": vars(args),
+        "train": {},
+        "generate": {},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.shape}{'-lowmem' if args.lowmem else ''}{'-cpu' if args.cpu_smoke else ''}"
+    dest = out / f"{name}.json"
+    if args.lowmem:
+        result["lowmem"] = low_memory(path, tokenizer, train_rows, work)
+        save(dest, result)
+        print(json.dumps(result["lowmem"], indent=1))
+        return
+    for variant in args.variants.split(","):
+        print(f"== train {variant}", flush=True)
+        try:
+            figures, _ = train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work)
+        except Exception as e:  # one broken variant must not cost the others' figures
+            import traceback
+
+            traceback.print_exc()
+            figures = {"error": f"{type(e).__name__}: {e}"}
+            free()
+        result["train"][variant] = figures
+        save(dest, result)  # each variant's figures survive a later crash or time limit
+        print(json.dumps(figures), flush=True)
+    ours_ok = "error" not in result["train"].get("ours", {"error": "not run"})
+    if not args.no_generate and ours_ok:
+        prompts = [r["prompt"] for r in eval_rows[: args.gen_rows]]
+        refs = [r["completion"] for r in eval_rows[: args.gen_rows]]
+        result["generate"] = generation(path, tokenizer, prompts, refs, args, work)
+        save(dest, result)
+    print(table(result))
+
+
+# --- shapes and rows --------------------------------------------------------------------------
+
+
+def make_shape(shape: str, folder: Path):
+    """A random-weight model of `shape` saved as a local HF folder (bf16), with a word-level
+    tokenizer whose token i is the text "i" (outputs decode to id strings, compared by ROUGE)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    path = folder / shape
+    vocab = {str(i): i for i in range(spec["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="0", eos_token="1", bos_token="2", unk_token="3"
+    )
+    tokenizer.padding_side = "left"
+    if (path / "config.json").is_file():
+        return path, tokenizer
+    config = AutoConfig.for_model(
+        arch, pad_token_id=0, eos_token_id=1, bos_token_id=2, max_position_embeddings=4096, **spec
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(path)  # a folder that exists is complete
+    print(
+        f"{shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
+        f"saved in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    del model
+    free()
+    return path, tokenizer
+
+
+def load_rows(args, tokenizer):
+    """Real Korean dev prompts + summaries (Gemma token ids) mapped into this vocabulary."""
+    with gzip.open(ROWS, "rt", encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    span = len(tokenizer) - FIRST_ID
+
+    def remap(ids):
+        return [FIRST_ID + i % span for i in ids]
+
+    rows = [
+        {"prompt": remap(r["prompt"]), "completion": remap(r["completion"]) + [1]} for r in rows
+    ]  # + eos, as training rows end
+    rows = [r for r in rows if len(r["prompt"]) + len(r["completion"]) <= args.max_length]
+    random.Random(0).shuffle(rows)
+    n_eval = min(args.eval_rows, len(rows) // 4)
+    train = rows[n_eval:][: args.train_rows]
+    while len(train) < args.train_rows:  # the dev set has ~400 rows: repeat for longer runs
+        train += rows[n_eval:][: args.train_rows - len(train)]
+    return train, rows[:n_eval]
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: Path):
+    import torch
+
+    from summarizer.config import LoraConfig
+
+    free()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    base = load_base(path, args.quant)
+    meter = Meter(tokenizer.pad_token_id, *((1, 0) if args.cpu_smoke else (3, 3)))
+    start = time.perf_counter()
+    out = work / "runs" / variant
+    if variant in ("trl_plain", "trl_best"):
+        trainer = trl_trainer(variant, base, tokenizer, train_rows, args, out, meter)
+        trainer.train()
+        lm = trainer.model
+    elif variant in ("ours", "ours_batch", "ours_ckpt"):
+        from summarizer import model as summarizer_model
+        from summarizer import train
+
+        lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=list(SEVEN))
+        cfg = ours_train_config(args)
+        if variant == "ours_batch":  # the plain run's batches (8 examples a step), packed
+            cfg.pack_tokens = 0
+        if args.grad_ckpt or variant == "ours_ckpt":  # memory for speed (SOLAR-10.7B at 2048)
+            cfg.gradient_checkpointing = True
+        lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing)
+        rows = [to_labels(r) for r in train_rows]
+        train.fit(cfg, lm, tokenizer, rows, [], out, [meter])
+    else:
+        raise SystemExit(f"error: unknown variant {variant!r}")
+    wall = time.perf_counter() - start
+    figures = meter.figures()
+    figures["wall_seconds_incl_setup"] = wall
+    figures["eval_loss"] = held_out_loss(lm, eval_rows, tokenizer.pad_token_id)
+    if torch.cuda.is_available():
+        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    adapter = out / "adapter"
+    lm.save_pretrained(adapter)
+    del lm, base
+    free()
+    return figures, adapter
+
+
+def ours_train_config(args):
+    """The GPU presets' training settings (conf/train/gpu_fast.yaml), read from the YAML itself."""
+    from omegaconf import OmegaConf
+
+    from summarizer.config import TrainConfig
+
+    preset = OmegaConf.load(ROOT / "conf" / "train" / "gpu_fast.yaml")
+    preset = {k: v for k, v in OmegaConf.to_container(preset).items() if k != "defaults"}
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), preset, bench_overrides(args))
+    return OmegaConf.to_object(cfg)
+
+
+def bench_overrides(args) -> dict:
+    """What every variant shares: batch, length, lr schedule, one pass, no evaluation/saving."""
+    return dict(
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        grad_accum=1,
+        lr=2e-4,
+        scheduler="cosine",
+        warmup_ratio=0.1,
+        epochs=1,
+        max_steps=args.max_steps,
+        eval_strategy="no",
+        save_steps=10**6,
+        logging_steps=1,
+        early_stopping_patience=0,
+    )
+
+
+def trl_trainer(variant, base, tokenizer, train_rows, args, out, meter):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    best = variant == "trl_best"
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [r["prompt"] + r["completion"] for r in train_rows],
+            "completion_mask": [
+                [0] * len(r["prompt"]) + [1] * len(r["completion"]) for r in train_rows
+            ],
+        }
+    )
+    o = bench_overrides(args)
+    on_gpu = torch.cuda.is_available()
+    extra = {}
+    if best:
+        extra.update(packing=True, packing_strategy="bfd")
+        if liger_available():
+            extra["use_liger_kernel"] = True
+    config = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=o["batch_size"],
+        gradient_accumulation_steps=1,
+        max_length=o["max_length"],
+        learning_rate=o["lr"],
+        lr_scheduler_type=o["scheduler"],
+        warmup_steps=o["warmup_ratio"],
+        num_train_epochs=1,
+        max_steps=o["max_steps"],
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=on_gpu,
+        optim="paged_adamw_32bit" if on_gpu else "adamw_torch",
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not on_gpu,
+        seed=42,
+        **extra,
+    )
+    peft_config = PeftLoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEVEN, task_type="CAUSAL_LM"
+    )
+    return SFTTrainer(
+        model=base,
+        args=config,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[meter],
+    )
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def load_base(path: Path, quant: str):
+    from summarizer.config import ModelConfig, QuantConfig
+    from summarizer.model import build_model
+
+    cfg = ModelConfig(name=path.name, source="local", path=str(path), attn_implementation="sdpa")
+    return build_model(cfg, QuantConfig(name=quant, method=quant), "/tmp/bench-cache")[0]
+
+
+def to_labels(r: dict) -> dict:
+    from summarizer.prompt import IGNORE_INDEX
+
+    ids = r["prompt"] + r["completion"]
+    return {
+        "input_ids": ids,
+        "labels": [IGNORE_INDEX] * len(r["prompt"]) + r["completion"],
+        "truncated": False,
+    }
+
+
+def held_out_loss(lm, rows, pad_id: int, batch: int = 8) -> float:
+    """Mean completion loss on the held-out rows, computed the same way for every variant."""
+    import torch
+
+    from summarizer.train import collate, completion_loss
+
+    lm.eval()
+    device = next(lm.parameters()).device
+    total = count = 0.0
+    with torch.no_grad(), autocast():
+        for i in range(0, len(rows), batch):
+            b = collate([to_labels(r) for r in rows[i : i + batch]], pad_id)
+            b = {k: v.to(device) for k, v in b.items()}
+            n = int((b["labels"][:, 1:] != -100).sum())
+            loss, _ = completion_loss(lm, b, n)
+            total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+@contextlib.contextmanager
+def autocast():
+    import torch
+
+    if torch.cuda.is_available():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class Meter(_trainer_callback_base()):
+    """Counts real tokens per batch (wrapping the trainer's collator) and times optimizer steps
+    after a warm-up; profiles a few steps for the GPU-busy fraction."""
+
+    def __init__(self, pad_id: int, warmup: int = 3, profile: int = 3):
+        self.WARMUP, self.PROFILE = warmup, profile
+        self.pad_id = pad_id
+        self.tokens: list[int] = []
+        self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.t0 = None
+        self.prof = None
+        self.busy = None
+        self.profile_wall = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        # accelerate wraps the torch DataLoader: count what its collator hands to the model
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        inner = loader.collate_fn
+
+        def counting(rows):
+            batch = inner(rows)
+            self.tokens.append(real_tokens(batch, self.pad_id))
+            return batch
+
+        loader.collate_fn = counting
+
+    def on_step_begin(self, args, state, control, **kw):
+        sync()
+        self.t0 = time.perf_counter()
+        if state.global_step == self.WARMUP and self.prof is None and has_cuda():
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.profile_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        sync()
+        self.step_times.append(time.perf_counter() - self.t0)
+        if (
+            self.prof is not None
+            and self.busy is None
+            and (state.global_step >= self.WARMUP + self.PROFILE)
+        ):
+            wall = time.perf_counter() - self.profile_start
+            self.prof.__exit__(None, None, None)
+            self.busy = gpu_busy_seconds(self.prof) / wall
+            self.profile_wall = wall
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    def figures(self) -> dict:
+        steps = len(self.step_times)
+        timed = self.step_times[self.WARMUP :]
+        # the profiled steps run slower (the profiler's own overhead): leave them out of speed
+        skip = set(range(0, self.PROFILE)) if self.busy is not None else set()
+        timed_tokens = self.tokens[self.WARMUP : steps]
+        pairs = [(t, n) for i, (t, n) in enumerate(zip(timed, timed_tokens)) if i not in skip]
+        seconds = sum(t for t, _ in pairs)
+        tokens = sum(n for _, n in pairs)
+        return {
+            "steps": steps,
+            "tokens_total": sum(self.tokens[:steps]),
+            "tokens_per_step": tokens / max(len(pairs), 1),
+            "seconds_per_step": seconds / max(len(pairs), 1),
+            "tokens_per_second": tokens / seconds if seconds else float("nan"),
+            "gpu_busy": self.busy,
+            "train_loss_last5": sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1),
+        }
+
+
+def real_tokens(batch: dict, pad_id: int) -> int:
+    if "num_tokens" in batch:  # our packed rows
+        return int(batch["num_tokens"])
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["input_ids"] != pad_id).sum())  # padding-free rows (TRL)
+
+
+def gpu_busy_seconds(prof) -> float:
+    """Kernel and copy time on the GPU within the profiled steps (one stream: they do not overlap)."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / 1e6
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def generation(path, tokenizer, prompts, refs, args, work: Path) -> dict:
+    import torch
+
+    from summarizer import generate, model
+    from summarizer.config import GenerateConfig
+
+    adapter = work / "runs" / "ours" / "adapter"
+    eos = [tokenizer.eos_token_id]
+    res = {}
+    qlora = load_adapter_model(path, adapter, args.quant)
+    n_single = min(args.single_rows, len(prompts))  # ~0.1 s a token on the GPU: a few do
+
+    def one_by_one():
+        return [
+            plain_generate(qlora, [p], tokenizer, args.max_new_tokens)[0]
+            for p in prompts[:n_single]
+        ]
+
+    t = timed(one_by_one)
+    res["per_example"] = speed(t, n_single)
+    t = timed(lambda: plain_generate(qlora, prompts, tokenizer, args.max_new_tokens, 64))
+    peer = t["value"]
+    res["plain_batched"] = speed(t, len(prompts))
+    cfg = GenerateConfig(
+        batch_size=args.gen_batch,
+        max_new_tokens=args.max_new_tokens,
+        stop_at_newline=False,
+        merge="true",
+    )
+
+    def ours():  # as the pipeline does after training: the QLoRA model in memory, made dense
+        lm = model.merged_for_generation(qlora)
+        texts = generate.summaries(cfg, lm, tokenizer, prompts, eos)
+        return [[int(x) for x in s.split()] for s in texts]
+
+    t = timed(ours)  # the dequantize + merge is included, loading is not (as for the peer)
+    qlora = None
+    free()
+    res["ours"] = speed(t, len(prompts))
+    res["ours"]["rougeL_vs_plain_batched"] = rouge_l(t["value"], peer)
+    res["ours"]["rougeL_vs_reference"] = rouge_l(t["value"], refs)
+    res["plain_batched"]["rougeL_vs_reference"] = rouge_l(peer, refs)
+    for k in ("plain_batched", "ours"):
+        res[k]["speedup_vs_plain_batched"] = (
+            res[k]["new_tokens_per_second"] / res["plain_batched"]["new_tokens_per_second"]
+        )
+    if torch.cuda.is_available():
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def load_adapter_model(path, adapter, quant: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(path, quant), str(adapter)).eval()
+
+
+def plain_generate(lm, prompts, tokenizer, max_new, batch=1):
+    """The peer: left-padded batches in the given order, `generate` as is, greedy."""
+    import torch
+
+    outs = []
+    device = next(lm.parameters()).device
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding_side="left")
+        with torch.inference_mode():
+            g = lm.generate(
+                **{k: v.to(device) for k, v in enc.items()},
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row in g[:, enc["input_ids"].shape[1] :].tolist():
+            outs.append(strip_after_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    return outs
+
+
+def strip_after_eos(row, eos, pad):
+    out = []
+    for t in row:
+        if t in (eos, pad):
+            break
+        out.append(t)
+    return out
+
+
+def timed(fn) -> dict:
+    sync()
+    start = time.perf_counter()
+    value = fn()
+    sync()
+    return {"seconds": time.perf_counter() - start, "value": value}
+
+
+def speed(t: dict, n: int) -> dict:
+    new = sum(len(v) for v in t["value"])
+    return {
+        "rows": n,
+        "seconds": t["seconds"],
+        "new_tokens": new,
+        "new_tokens_per_second": new / t["seconds"],
+        "summaries_per_second": n / t["seconds"],
+    }
+
+
+def rouge_l(preds, refs) -> float:
+    """Mean ROUGE-L F1 (x100) over token-id sequences (LCS based, as rouge_score computes it)."""
+    scores = []
+    for p, r in zip(preds, refs):
+        if not p or not r:
+            scores.append(float(p == r) * 100)
+            continue
+        prev = [0] * (len(r) + 1)
+        for x in p:
+            cur = [0]
+            for j, y in enumerate(r):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        lcs = prev[-1]
+        prec, rec = lcs / len(p), lcs / len(r)
+        scores.append(0.0 if lcs == 0 else 200 * prec * rec / (prec + rec))
+    return sum(scores) / max(len(scores), 1)
+
+
+# --- low-memory preset ---------------------------------------------------------------------------
+
+
+def low_memory(path, tokenizer, train_rows, work: Path) -> dict:
+    """Peak GPU memory of experiment=low_memory_8gb's training and generation on this shape."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from summarizer import generate, model, train
+    from summarizer.config import GenerateConfig, LoraConfig, TrainConfig
+
+    preset = OmegaConf.load(ROOT / "conf" / "experiment" / "low_memory_8gb.yaml")
+    tcfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        preset.train,
+        {
+            "max_steps": 3,
+            "eval_strategy": "no",
+            "save_steps": 10**6,
+            "logging_steps": 1,
+            "early_stopping_patience": 0,
+        },
+    )
+    tcfg = OmegaConf.to_object(tcfg)
+    lcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoraConfig), preset.lora))
+    gcfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(GenerateConfig),
+            preset.generate,
+            {"stop_at_newline": False, "max_new_tokens": 64},
+        )
+    )
+    free()
+    has = torch.cuda.is_available()
+    if has:
+        torch.cuda.reset_peak_memory_stats()
+    base = load_base(path, "nf4")
+    loaded = torch.cuda.max_memory_allocated() / 2**30 if has else None
+    lm = model.add_lora(base, lcfg, tcfg.gradient_checkpointing)
+    # the longest rows, cut to the preset's max length: the worst case of a step
+    rows = sorted(train_rows, key=lambda r: -(len(r["prompt"]) + len(r["completion"])))
+    rows = [to_labels(r) for r in rows[: tcfg.batch_size * tcfg.grad_accum * 3]]
+    for r in rows:
+        for k in ("input_ids", "labels"):
+            r[k] = r[k][-tcfg.max_length :]
+    start = time.perf_counter()
+    figures = train.fit(tcfg, lm, tokenizer, rows, [], work / "runs" / "lowmem")
+    seconds = time.perf_counter() - start
+    peak_train = torch.cuda.max_memory_allocated() / 2**30 if has else None
+    reserved_train = torch.cuda.max_memory_reserved() / 2**30 if has else None
+    if has:
+        torch.cuda.reset_peak_memory_stats()
+    prompts = [r["input_ids"][: tcfg.max_length - 64] for r in rows[:16]]
+    use_merged = generate.use_merged(gcfg, type("Q", (), {"method": "nf4"}))
+    if use_merged:  # as the pipeline would: generate with the dense merged copy
+        lm = model.merged_for_generation(lm)
+        free()
+    generate.summaries(gcfg, lm, tokenizer, prompts, [tokenizer.eos_token_id])
+    peak_gen = torch.cuda.max_memory_allocated() / 2**30 if has else None
+    return {
+        "settings": {
+            "train": OmegaConf.to_container(preset.train),
+            "lora": OmegaConf.to_container(preset.lora),
+            "generate": OmegaConf.to_container(preset.generate),
+            "generate_merged": use_merged,
+        },
+        "peak_gib_after_load": loaded,
+        "peak_gib_train": peak_train,
+        "reserved_gib_train": reserved_train,
+        "peak_gib_generate": peak_gen,
+        "train_seconds_3_steps": seconds,
+        "train_figures": figures,
+    }
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    if has_cuda():
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def free() -> None:
+    gc.collect()
+    if has_cuda():
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    for pkg in ("transformers", "peft", "trl", "accelerate", "bitsandbytes", "liger-kernel"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    return env
+
+
+def save(dest: Path, result: dict) -> None:
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(dest)
+
+
+def table(r: dict) -> str:
+    lines = [
+        f"### {r['shape']} ({r['env']['device']}, torch {r['env']['torch']}, "
+        f"transformers {r['env']['transformers']}, trl {r['env']['trl']})",
+        "",
+        "| training | tokens/s | s/step | tokens/step | peak GiB | GPU busy | held-out loss "
+        "| vs trl_plain | vs trl_best |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    t = {k: v for k, v in r["train"].items() if "error" not in v}
+    for k, v in r["train"].items():
+        if "error" in v:
+            lines.append(f"| {k} | failed: {v['error'][:80]} |")
+            continue
+        ratio = {
+            b: v["tokens_per_second"] / t[b]["tokens_per_second"] if b in t else None
+            for b in ("trl_plain", "trl_best")
+        }
+        lines.append(
+            f"| {k} | {v['tokens_per_second']:,.0f} | {v['seconds_per_step']:.3f} | "
+            f"{v['tokens_per_step']:,.0f} | {fmt(v.get('peak_gib'))} | {fmt(v.get('gpu_busy'))} | "
+            f"{v['eval_loss']:.4f} | {fmt(ratio['trl_plain'])}x | {fmt(ratio['trl_best'])}x |"
+        )
+    g = r.get("generate") or {}
+    if g:
+        lines += [
+            "",
+            "| generation | new tokens/s | summaries/s | seconds | x plain batched "
+            "| ROUGE-L vs plain | ROUGE-L vs reference |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k in ("per_example", "plain_batched", "ours"):
+            v = g[k]
+            lines.append(
+                f"| {k} | {v['new_tokens_per_second']:,.0f} | {v['summaries_per_second']:.2f} | "
+                f"{v['seconds']:.1f} | {fmt(v.get('speedup_vs_plain_batched'))} | "
+                f"{fmt(v.get('rougeL_vs_plain_batched'))} | {fmt(v.get('rougeL_vs_reference'))} |"
+            )
+    return "\n".join(lines)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+if __name__ == "__main__":
+    main()
