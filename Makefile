@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run zero-shot predict sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean services-up services-down
+.PHONY: bench bench-wheels help install run zero-shot predict sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,17 @@ services-down: $(STAMP) ## stop them (the data stays in .services, or SERVICES_D
 
 gpu-models: $(STAMP) ## pack wheels, data and the Gemma GGUF in <64 MiB pieces for an offline GPU machine (.gpu/)
 	bash scripts/gpu/prep.sh
+
+SHAPES ?= llama-1b qwen3-4b
+bench: $(STAMP) ## GPU: training + generation speed against plain TRL, per shape (benchmarks/RESULTS.md)
+	for s in $(SHAPES); do $(PY) benchmarks/bench.py --shape $$s $(ARGS) || exit 1; done
+	$(PY) benchmarks/bench.py --shape llama-3b --lowmem
+
+bench-wheels: ## wheels an offline GPU image lacks, into .bench/whl (then: bash scripts/gpu/bench.sh there)
+	grep -qx "/.bench/" .git/info/exclude 2>/dev/null || echo "/.bench/" >> .git/info/exclude
+	bash ../shared/tools/gpu-wheels.sh .bench/whl transformers==5.23.0 tokenizers==0.23.3 \
+	  huggingface_hub==1.33.0 hydra-core==1.3.8 omegaconf==2.3.0 xxhash==4.1.0
+	$(PY) -m pip wheel -q --no-deps -w .bench/whl antlr4-python3-runtime==4.9.3
 
 test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
 	$(PY) -m pytest -q $(ARGS)
