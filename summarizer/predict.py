@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from summarizer import data, model, pipeline, prompt
+from summarizer import data, generate, model, pipeline, prompt
 from summarizer.config import Config
 from summarizer.errors import UserError
 from summarizer.files import write_csv
@@ -64,6 +64,8 @@ def predict(
         cfg.quant.method = "none"
     base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
     lm = base if merged else model.load_adapter(base, str(adapter or run_dir / "adapter"))
+    if not merged and generate.use_merged(cfg.generate, cfg.quant):  # as the pipeline generates
+        lm = model.merged_for_generation(lm)
     fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
     stop_id = model.stop_token_id(cfg.model, tokenizer)
     shots = prompt.ShotSelector(cfg.prompt.fewshot, train_ex)

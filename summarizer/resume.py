@@ -76,8 +76,11 @@ def prepare(cfg: DictConfig, out: Path) -> Resume | None:
 
 def _changes(saved: Path, cfg: DictConfig) -> str:
     """'key: before -> now' for the first settings that differ from the saved config."""
-    try:
-        before = flatten(OmegaConf.to_container(OmegaConf.load(saved)))
+    from summarizer.config import Config
+
+    try:  # keys added to the schema since the run was made count at their defaults
+        saved_cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+        before = flatten(OmegaConf.to_container(saved_cfg))
     except Exception as e:  # YAML or OmegaConf errors: the file was damaged
         raise UserError(f"train.resume=true: {saved} is unreadable ({type(e).__name__})") from e
     now = flatten(OmegaConf.to_container(cfg, resolve=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -107,8 +108,26 @@ def _logged_steps(out) -> list[tuple[float, float]]:
     return [(e["loss"], e["grad_norm"]) for e in state["log_history"] if "grad_norm" in e]
 
 
-def test_ddp_user_error_is_the_same_one_line(tmp_path):
-    proc = run_cli(tmp_path, "missing", *DDP, "data.path=nowhere.csv")
+def test_a_workers_user_error_is_its_last_line(tmp_path):
+    """The worker's side of a UserError (the launcher's side: tests/unit/test_distributed.py): its
+    last line is the `error:` line one process prints, which the launcher passes on as is. A world
+    of one worker (no process group), so one process's start-up rather than three."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        overrides = ["data.path=nowhere.csv", "tracking.enabled=false", f"output_dir={tmp_path}"]
+        cfg = compose("config", [*DDP, *overrides])
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}  # a worker, alone
+    proc = subprocess.run(
+        distributed.worker_command(),
+        input=OmegaConf.to_yaml(cfg, resolve=True),
+        cwd=ROOT,
+        env={**env, "SUMMARIZER_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: data file not found: nowhere.csv"
 

@@ -1,0 +1,45 @@
+"""train.resume=true on a run folder written before a config key existed: the missing key counts at
+its default, so only real changes block the resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from summarizer.resume import _changes
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["output_dir=/tmp/x", *overrides])
+
+
+def _saved_without(tmp_path, cfg, drop: list[tuple[str, ...]]) -> Path:
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for path in drop:
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(tree, allow_unicode=True))
+    return saved
+
+
+def test_keys_added_since_the_run_count_at_their_defaults(tmp_path):
+    cfg = _cfg()
+    saved = _saved_without(
+        tmp_path, cfg, [("train", "packing"), ("trainer",), ("generate", "merge")]
+    )
+    assert _changes(saved, cfg) == ""
+
+
+def test_a_real_change_still_blocks(tmp_path):
+    saved = _saved_without(tmp_path, _cfg(), [("train", "packing")])
+    assert "train.packing: False -> True" in _changes(saved, _cfg("train.packing=true"))
+    assert "train.lr: 0.0002 -> 0.001" in _changes(saved, _cfg("train.lr=1e-3"))
