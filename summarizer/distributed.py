@@ -203,14 +203,14 @@ def sweep_gpus(value) -> list[str]:
     sweep confined to some GPUs stays on them); a list is taken as given; empty: no pinning."""
     if isinstance(value, str):
         if value != "auto":
-            raise ValueError(f"hydra.sweeper.gpus={value}: expected auto or a list like [0,1]")
+            raise UserError(f"hydra.sweeper.gpus={value}: expected auto or a list like [0,1]")
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             gpus = [v.strip() for v in visible.split(",") if v.strip()]
         else:
             gpus = [str(i) for i in range(torch.cuda.device_count())]
         if not gpus:
-            raise ValueError(
+            raise UserError(
                 "hydra.sweeper.gpus=auto: no CUDA GPU is visible; on CPU use hydra.sweeper.n_jobs=N"
             )
         return gpus

@@ -109,9 +109,9 @@ def test_sweep_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")  # auto stays on the sweeper's own GPUs
     assert distributed.sweep_gpus("auto") == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(ValueError, match="no CUDA GPU is visible; on CPU use hydra.sweeper.n_jobs"):
+    with pytest.raises(UserError, match="no CUDA GPU is visible; on CPU use hydra.sweeper.n_jobs"):
         distributed.sweep_gpus("auto")
-    with pytest.raises(ValueError, match="expected auto or a list"):
+    with pytest.raises(UserError, match="expected auto or a list"):
         distributed.sweep_gpus("all")
 
 
