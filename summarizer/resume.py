@@ -45,6 +45,10 @@ def prepare(cfg: DictConfig, out: Path) -> Resume | None:
     else what to continue from. Errors are one line naming the folder and the fix."""
     saved = out / CONFIG
     if not cfg.train.resume:
+        if saved.exists() and not _produced(out):
+            # It stopped before producing anything (e.g. a missing data file): nothing to protect.
+            log.info("%s holds only the config of a run that stopped early: starting afresh", out)
+            return None
         if saved.exists():
             raise UserError(
                 f"output_dir={out} already holds a run ({CONFIG}); add train.resume=true to "
@@ -72,6 +76,17 @@ def prepare(cfg: DictConfig, out: Path) -> Resume | None:
         log.warning("%s has no %s: the resumed run gets a new MLflow run", out, RUN_ID)
     log.info("resuming the run in %s from %s", out, checkpoint.name)
     return Resume(checkpoint, run_id or None)
+
+
+# What a run produces once it got going: any of these makes its folder worth protecting.
+PRODUCTS = (
+    RUN_ID, "result.json", "checkpoints", "adapter", "predictions.csv", "submission.csv", "ddp",
+    "augmentation_sample.csv",
+)  # fmt: skip
+
+
+def _produced(out: Path) -> bool:
+    return any((out / name).exists() for name in PRODUCTS)
 
 
 def _changes(saved: Path, cfg: DictConfig) -> str:

@@ -43,3 +43,20 @@ def test_a_real_change_still_blocks(tmp_path):
     saved = _saved_without(tmp_path, _cfg(), [("train", "packing")])
     assert "train.packing: False -> True" in _changes(saved, _cfg("train.packing=true"))
     assert "train.lr: 0.0002 -> 0.001" in _changes(saved, _cfg("train.lr=1e-3"))
+
+
+def test_a_folder_whose_run_stopped_before_producing_anything_can_be_reused(tmp_path):
+    from summarizer.errors import UserError
+    from summarizer.resume import prepare
+
+    cfg = _cfg()
+    (tmp_path / "config.yaml").write_text("stopped: early\n")  # e.g. the data file was missing
+    (tmp_path / "split.json").write_text("{}")
+    assert prepare(cfg, tmp_path) is None
+    (tmp_path / "mlflow_run_id").write_text("abc")  # it got going: protected
+    try:
+        prepare(cfg, tmp_path)
+    except UserError as e:
+        assert "already holds a run" in str(e)
+    else:
+        raise AssertionError("a folder with a run's products was not protected")
