@@ -456,18 +456,26 @@ class SummarizerSweeper(Sweeper):
         for s in slots:
             threading.Thread(target=self._worker, args=(s,), daemon=True).start()
         interrupted = False
+        # SIGTERM (a scheduler's preemption, `kill`): the same clean stop as Ctrl-C.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             with self.ended:
                 while self.alive:
                     self.ended.wait(timeout=0.5)
         except KeyboardInterrupt:
             interrupted = True
+            if main:  # a second SIGTERM must not cut the cleanup short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             log.warning("interrupted: stopping running trials; rerun the same command to resume")
             self.stop.set()
             self.wake.set()
             self._terminate_all()
             with self.ended:  # each worker tells its cut-off trial (FAIL, re-queued) and ends
                 self.ended.wait_for(lambda: self.alive == 0, timeout=60)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         self._finish(interrupted)
         if interrupted:
             raise KeyboardInterrupt
@@ -792,3 +800,7 @@ class SummarizerSweeper(Sweeper):
                 )
             except Exception as e:  # a report must not lose a finished sweep
                 log.warning("sweep report failed: %s (rerun: make sweep-report)", e)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -119,7 +119,9 @@ def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
     assert len(study(tmp_path).trials) == 5
 
 
-def test_ctrl_c_leaves_the_study_resumable(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_the_study_resumable(tmp_path, sig):
+    """Ctrl-C, or SIGTERM (a scheduler's preemption): the cut-off trial is FAILED and re-queued."""
     proc = subprocess.Popen(
         sweep_cmd(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1"),
         cwd=ROOT,
@@ -137,7 +139,7 @@ def test_ctrl_c_leaves_the_study_resumable(tmp_path):
     while time.time() < deadline and not started.is_file():
         time.sleep(0.2)
     assert started.is_file(), "trial 0 never started"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     proc.wait(timeout=120)
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
