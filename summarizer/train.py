@@ -351,22 +351,9 @@ def fit(
 ) -> dict:
     """Train in place; returns loss and throughput figures. Checkpoints go to output_dir/checkpoints.
     `resume_from` (train.resume's checkpoint) wins over `cfg.resume_from`."""
-    from datasets import Dataset
 
     args = training_args(cfg, output_dir / "checkpoints")
-    if cfg.packing and cfg.pack_tokens == 0:
-        # The padded path's batches (same examples per step, same loss), each packed into one row.
-        columns = ("input_ids", "labels")
-        train_ds = Dataset.from_dict({c: [r[c] for r in train_rows] for c in columns})
-        eval_ds = (
-            Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns})
-            if eval_rows
-            else None
-        )
-
-        def collator(rows):
-            return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
-    elif cfg.packing:
+    if cfg.packing and cfg.pack_tokens != 0:
         # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
         budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
         train_ds = _packed_dataset(train_rows, budget)
@@ -382,15 +369,12 @@ def fit(
             rows = [r for item in items for r in _unbin(item)]
             return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
     else:
-        columns = ("input_ids", "labels")
-        train_ds = Dataset.from_dict({c: [r[c] for r in train_rows] for c in columns})
-        eval_ds = (
-            Dataset.from_dict({c: [r[c] for r in eval_rows] for c in columns})
-            if eval_rows
-            else None
-        )
+        train_ds = _dataset(train_rows)
+        eval_ds = _dataset(eval_rows) if eval_rows else None
 
         def collator(rows):
+            if cfg.packing:  # pack_tokens=0: the padded path's batches, each packed into one row
+                return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
             return collate(rows, tokenizer.pad_token_id)
 
     if args.eval_strategy != "no" and eval_ds is None:
@@ -435,6 +419,12 @@ def fit(
     if eval_loss is not None:
         figures["eval_loss"] = eval_loss
     return figures
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in ("input_ids", "labels")})
 
 
 def _packed_dataset(rows: list[dict], budget: int):
