@@ -224,7 +224,7 @@ def start_mlflow(
     """An MLflow tracking server over the `mlflow` database, artifacts in <root>/mlartifacts
     (served to the workers: they upload through the server, no shared folder needed)."""
     pid_file = root / "mlflow.pid"
-    if pid_file.is_file() and _alive(int(pid_file.read_text())):
+    if pid_file.is_file() and pid_alive(int(pid_file.read_text())):
         return
     local = _connect_host(host)
     _check_port_free(local, port, "MLflow server")
@@ -272,7 +272,8 @@ def start_mlflow(
     raise UserError(f"MLflow server did not answer on {local}:{port} in 180 s (log: {log_path})")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this host), ours or not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -287,11 +288,11 @@ def stop_mlflow(root: Path) -> None:
     if not pid_file.is_file():
         return
     pid = int(pid_file.read_text())
-    if _alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)  # the server and its uvicorn workers
         deadline = time.time() + 5  # its store is a database: a kill loses nothing
-        while _alive(pid) and time.time() < deadline:
+        while pid_alive(pid) and time.time() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)  # reap it when `up` ran in this process (tests)
             time.sleep(0.2)

@@ -68,6 +68,7 @@ from optuna.distributions import _convert_old_distribution_to_new_distribution
 from optuna.trial import TrialState
 
 from summarizer.errors import UserError, first_line
+from summarizer.services import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -307,16 +308,6 @@ def _read_result(out: Path) -> dict | None:
         return json.loads((out / "result.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -691,7 +682,7 @@ class SummarizerSweeper(Sweeper):
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = t.user_attrs.get(WORKER, "")
             w_host, _, pid = worker.rpartition(":")
-            if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if w_host == host and pid.isdigit() and not pid_alive(int(pid)):
                 out = t.user_attrs.get("output_dir")
                 result = _read_result(Path(out)) if out else None
                 if result and result.get("state") in ("COMPLETE", "PRUNED"):
