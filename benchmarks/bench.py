@@ -665,7 +665,7 @@ def low_memory(path, tokenizer, train_rows, work: Path) -> dict:
     from omegaconf import OmegaConf
 
     from summarizer import generate, model, train
-    from summarizer.config import GenerateConfig, LoraConfig, TrainConfig
+    from summarizer.config import GenerateConfig, LoraConfig, QuantConfig, TrainConfig
 
     preset = OmegaConf.load(ROOT / "conf" / "experiment" / "low_memory_8gb.yaml")
     tcfg = OmegaConf.merge(
@@ -709,7 +709,7 @@ def low_memory(path, tokenizer, train_rows, work: Path) -> dict:
     if has:
         torch.cuda.reset_peak_memory_stats()
     prompts = [r["input_ids"][: tcfg.max_length - 64] for r in rows[:16]]
-    use_merged = generate.use_merged(gcfg, type("Q", (), {"method": "nf4"}))
+    use_merged = generate.use_merged(gcfg, QuantConfig(name="nf4", method="nf4"))
     if use_merged:  # as the pipeline would: generate with the dense merged copy
         lm = model.merged_for_generation(lm)
         free()

@@ -20,10 +20,9 @@ class NewlineAfterText(StoppingCriteria):
     host sync): each vocabulary entry is classified once per tokenizer (`_token_kinds`).
     """
 
-    def __init__(self, tokenizer, prompt_width: int):
+    def __init__(self, tokenizer):
         self.kinds = _token_kinds(tokenizer)
-        self.prompt_width = prompt_width
-        self.seen_text = None
+        self.seen_text = None  # per row: some text already written (one criterion per batch)
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         if self.kinds.device != input_ids.device:
@@ -122,7 +121,7 @@ def summaries(
             input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
         stopping = StoppingCriteriaList(
-            [NewlineAfterText(tokenizer, width)] if cfg.stop_at_newline else []
+            [NewlineAfterText(tokenizer)] if cfg.stop_at_newline else []
         )
         if cfg.stop_at_blank_line and not cfg.stop_at_newline:
             stopping.append(BlankLineAfterText(tokenizer, width))

@@ -16,7 +16,7 @@ def test_clean_keeps_the_first_line():
 
 def _stops_after(tok, prompt, text) -> list[bool]:
     """Feed `text`'s tokens one by one, as `generate` does; the criterion's answer at each step."""
-    crit = NewlineAfterText(tok, len(prompt))
+    crit = NewlineAfterText(tok)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return [bool(crit(torch.tensor([prompt + ids[: n + 1]]), None)[0]) for n in range(len(ids))]
 
@@ -34,7 +34,7 @@ def test_newline_stop_is_per_row(tiny):
     _, tok = tiny
     nl = tok("\n", add_special_tokens=False)["input_ids"]
     word = tok("안녕", add_special_tokens=False)["input_ids"]
-    crit = NewlineAfterText(tok, 0)
+    crit = NewlineAfterText(tok)
     first = torch.tensor([word[:1], nl[:1]])  # row 0 writes text, row 1 a leading newline
     assert crit(first, None).tolist() == [False, False]
     second = torch.cat([first, torch.tensor([nl[:1], nl[:1]])], 1)
