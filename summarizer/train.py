@@ -67,14 +67,7 @@ def completion_loss(model, batch: dict, num_items: int | torch.Tensor | None = N
     outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
     logits = outputs.logits[:, :-1, :].float()
     targets = labels[:, labels.shape[1] - keep + 1 :]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    count = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
-    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
+    return _mean_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), num_items), outputs
 
 
 def _packed_loss(model, inputs: dict, labels: torch.Tensor, num_items):
@@ -85,11 +78,15 @@ def _packed_loss(model, inputs: dict, labels: torch.Tensor, num_items):
         where = torch.zeros(1, dtype=torch.long, device=labels.device)
     outputs = model(**inputs, use_cache=False, logits_to_keep=where)
     targets = labels[0, where + 1]
-    loss = F.cross_entropy(
-        outputs.logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return _mean_loss(outputs.logits[0].float(), targets, num_items), outputs
+
+
+def _mean_loss(logits: torch.Tensor, targets: torch.Tensor, num_items) -> torch.Tensor:
+    """Summed cross-entropy of (N, vocab) logits over supervised targets / num_items (default:
+    this batch's supervised count; the trainer passes the count across accumulated batches)."""
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
-    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
 
 
 class CompletionOnlyTrainer(SFTTrainer):
@@ -286,7 +283,7 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         )
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
-    bins = cfg.packing and cfg.pack_tokens != 0  # dataset items are packed bins, not examples
+    bins = _packs_bins(cfg)
     if cfg.pack_tokens is not None and cfg.pack_tokens < 0:
         raise UserError(f"train.pack_tokens={cfg.pack_tokens}: expected null, 0 or a token count")
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if on_gpu else "adamw_torch")
@@ -353,7 +350,7 @@ def fit(
     `resume_from` (train.resume's checkpoint) wins over `cfg.resume_from`."""
 
     args = training_args(cfg, output_dir / "checkpoints")
-    if cfg.packing and cfg.pack_tokens != 0:
+    if _packs_bins(cfg):
         # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
         budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
         train_ds = _packed_dataset(train_rows, budget)
@@ -419,6 +416,12 @@ def fit(
     if eval_loss is not None:
         figures["eval_loss"] = eval_loss
     return figures
+
+
+def _packs_bins(cfg: TrainConfig) -> bool:
+    """Whether dataset items are packed bins of examples (train.pack_tokens null or > 0), not
+    examples (unpacked, or pack_tokens=0: each batch packed by the collator)."""
+    return cfg.packing and cfg.pack_tokens != 0
 
 
 def _dataset(rows: list[dict]):
