@@ -41,4 +41,7 @@ def test_bench_harness_on_cpu(tmp_path):
     gen = result["generate"]
     assert gen["plain_batched"]["new_tokens"] == gen["ours"]["new_tokens"] == 8 * 4
     assert 0 <= gen["ours"]["rougeL_vs_plain_batched"] <= 100
+    # the static decoder (run eagerly on CPU) writes what `generate` writes on the merged weights
+    assert gen["ours"]["identical_to_merged"] == 8
+    assert gen["merge_seconds"] >= 0 and "| merged |" in done.stdout
     assert "| ours |" in done.stdout  # the markdown table for RESULTS.md
