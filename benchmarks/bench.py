@@ -167,7 +167,9 @@ def main() -> None:
             free()
         result["train"][variant] = figures
         save(dest, result)  # each variant's figures survive a later crash or time limit
-        print(json.dumps(figures), flush=True)
+        top = figures.get("profile_top_host_ops")
+        print(json.dumps({k: v for k, v in figures.items() if k != "profile_top_host_ops"}))
+        print(top or "", flush=True)
     ours_ok = "error" not in result["train"].get("ours", {"error": "not run"})
     if not args.no_generate and ours_ok:
         gen_rows = all_rows[: args.gen_rows or None]  # the whole validation set by default
@@ -490,6 +492,10 @@ class Meter(_trainer_callback_base()):
             self.prof.__exit__(None, None, None)
             self.busy = gpu_busy_seconds(self.prof) / wall
             self.profile_wall = wall
+            # where the host time goes (the GPU idles while it is spent): for RESULTS.md's notes
+            self.profile_top = self.prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60
+            )
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
@@ -511,6 +517,7 @@ class Meter(_trainer_callback_base()):
             "seconds_per_step": seconds / max(len(pairs), 1),
             "tokens_per_second": tokens / seconds if seconds else float("nan"),
             "gpu_busy": self.busy,
+            "profile_top_host_ops": getattr(self, "profile_top", None),
             "train_loss_last5": sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1),
         }
 
