@@ -231,6 +231,10 @@ class TrainConfig:
     grad_accum: int = 4
     max_length: int = 1024  # prompt + summary tokens; the dialogue is cut, never the summary
     gradient_checkpointing: bool = True
+    # k-bit base: peft copies the frozen norms, embeddings and LM head to fp32, so the hidden states
+    # are fp32 and every 4-bit layer casts its dequantized weight bf16 -> fp32 -> bf16 on each pass
+    # (~1/4 of a 4B step's GPU time in copies). false keeps them bf16 (LoRA weights stay fp32).
+    upcast_frozen: bool = True
     optim: str = "auto"  # auto: paged_adamw_32bit on GPU, adamw_torch on CPU; or any HF optim name
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (mixed precision of the trainer)
     eval_strategy: str = "steps"  # steps | epoch | no

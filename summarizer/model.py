@@ -283,7 +283,10 @@ def _tiny_tokenizer(train_text: str, vocab_size: int, cache_dir: str) -> Path:
 # --- LoRA ----------------------------------------------------------------------------------------
 
 
-def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
+def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool, upcast_frozen: bool = True):
+    """LoRA adapters on `cfg.target_modules`. A k-bit model is prepared as peft does it; with
+    `upcast_frozen=False` its frozen norms, embeddings and LM head keep their load dtype (bf16)
+    instead of peft's fp32 copies (see TrainConfig.upcast_frozen)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -294,9 +297,14 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"lora.dropout={cfg.dropout} must be in [0, 1)")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        dtypes = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing
         )
+        if not upcast_frozen:  # back to the load dtype: everything it upcast is frozen
+            for name, param in model.named_parameters():
+                if param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     peft_cfg = PeftLoraConfig(

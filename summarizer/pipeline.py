@@ -115,7 +115,9 @@ def run(cfg: DictConfig) -> float:
                 train_rows = [encode(ex, True) for ex in train_ex]
                 eval_rows = [encode(ex, True) for ex in val_ex]
                 _log_truncation("training", train_rows + eval_rows)
-                lm = model.add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
+                lm = model.add_lora(
+                    base, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.upcast_frozen
+                )
                 figures = train.fit(
                     cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks, checkpoint
                 )

@@ -43,3 +43,24 @@ def test_dense_merge_keeps_the_qlora_logits(local_tiny, tmp_path, quant):
     else:  # bitsandbytes' CPU 4-bit kernel computes in bf16: equal up to that rounding
         assert (got - want).abs().max() < 0.05 * want.abs().max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_upcast_frozen_on_a_4bit_model(local_tiny, tmp_path, upcast):
+    """train.upcast_frozen=false keeps a 4-bit model's frozen norms/embeddings in their load dtype
+    (no fp32 copies, so no casts around each 4-bit layer); the LoRA weights stay fp32 either way."""
+    cfg = ModelConfig(name="tiny-local", source="local", path=str(local_tiny), dtype="bfloat16")
+    quant = QuantConfig(name="nf4", method="nf4", compute_dtype="bfloat16")
+    base, _ = build_model(cfg, quant, str(tmp_path))
+    lm = add_lora(base, LoraConfig(r=4, alpha=8), False, upcast_frozen=upcast)
+    frozen = {
+        p.dtype for p in lm.parameters() if not p.requires_grad and type(p).__name__ != "Params4bit"
+    }
+    assert frozen == ({torch.float32} if upcast else {torch.bfloat16})
+    assert {p.dtype for p in lm.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
