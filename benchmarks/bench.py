@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-steps", type=int, default=-1, help="cap on steps (default: one epoch)")
     ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--in-process", action="store_true", help="train every variant in this process")
     ap.add_argument("--quant", default=None, help="nf4 (default on GPU) | none (default on CPU)")
     ap.add_argument("--grad-ckpt", action="store_true", help="ours: gradient checkpointing on")
     ap.add_argument(
@@ -155,16 +157,22 @@ def main() -> None:
         save(dest, result)
         print(json.dumps(result["lowmem"], indent=1))
         return
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    for variant in variants:
         print(f"== train {variant}", flush=True)
-        try:
-            figures, _ = train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work)
-        except Exception as e:  # one broken variant must not cost the others' figures
-            import traceback
+        if len(variants) > 1 and not args.in_process:
+            figures = isolated(variant, work)
+        else:
+            try:
+                figures, _ = train_variant(
+                    variant, path, tokenizer, train_rows, eval_rows, args, work
+                )
+            except Exception as e:  # one broken variant must not cost the others' figures
+                import traceback
 
-            traceback.print_exc()
-            figures = {"error": f"{type(e).__name__}: {e}"}
-            free()
+                traceback.print_exc()
+                figures = {"error": f"{type(e).__name__}: {e}"}
+                free()
         result["train"][variant] = figures
         save(dest, result)  # each variant's figures survive a later crash or time limit
         top = figures.get("profile_top_host_ops")
@@ -178,6 +186,34 @@ def main() -> None:
         result["generate"] = generation(path, tokenizer, prompts, refs, args, work)
         save(dest, result)
     print(table(result))
+
+
+def isolated(variant: str, work: Path) -> dict:
+    """Train one variant in its own process: Liger (trl_best, train.liger) patches transformers'
+    model classes process-wide, and would otherwise reach every variant trained after it."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--variants", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--variants=", "--out=")):
+            continue
+        argv.append(a)
+    out = work / "variants" / variant
+    shutil.rmtree(out, ignore_errors=True)  # no figures of an earlier run can stand in for these
+    cmd = [sys.executable, __file__, *argv, "--variants", variant, "--out", str(out)]
+    cmd += ["--no-generate", "--in-process"]
+    done = subprocess.run(cmd, cwd=ROOT)
+    files = sorted(out.glob("*.json"))
+    figures = json.loads(files[0].read_text())["train"].get(variant) if files else None
+    if done.returncode != 0 or not figures:
+        return {"error": f"the {variant} process exited with {done.returncode}"}
+    return figures
 
 
 # --- shapes and rows --------------------------------------------------------------------------

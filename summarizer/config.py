@@ -235,6 +235,8 @@ class TrainConfig:
     # are fp32 and every 4-bit layer casts its dequantized weight bf16 -> fp32 -> bf16 on each pass
     # (~1/4 of a 4B step's GPU time in copies). false keeps them bf16 (LoRA weights stay fp32).
     upcast_frozen: bool = True
+    # Liger kernels (fused RMSNorm, SwiGLU, RoPE) on CUDA: auto = when liger-kernel is installed
+    liger: str = "false"
     optim: str = "auto"  # auto: paged_adamw_32bit on GPU, adamw_torch on CPU; or any HF optim name
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (mixed precision of the trainer)
     eval_strategy: str = "steps"  # steps | epoch | no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -268,6 +269,22 @@ def resolve_checkpoint(path: str) -> str:
     return last
 
 
+def use_liger(cfg: TrainConfig) -> bool:
+    """train.liger: auto = on a CUDA GPU when liger-kernel is installed; true insists on both."""
+    choice = str(cfg.liger).lower()
+    if choice not in ("auto", "true", "false"):
+        raise UserError(f"train.liger={cfg.liger!r}: expected auto, true or false")
+    if choice == "false":
+        return False
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if choice == "true" and not available:
+        raise UserError(
+            "train.liger=true needs a CUDA GPU and the liger-kernel package "
+            "(pip install liger-kernel==0.8.5); use train.liger=auto or false"
+        )
+    return available
+
+
 def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
     on_gpu = torch.cuda.is_available()
     if cfg.lr <= 0:
@@ -294,8 +311,12 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
             f"train.save_steps={cfg.save_steps} must be a multiple of train.eval_steps={cfg.eval_steps} "
             "for early stopping to keep the best checkpoint"
         )
+    liger = use_liger(cfg)
     return SFTConfig(
         output_dir=str(output_dir),
+        # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the model by the Trainer,
+        # as TRL's use_liger_kernel does; our loss asks for logits at supervised positions only
+        use_liger_kernel=liger,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps

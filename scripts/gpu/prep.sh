@@ -17,7 +17,8 @@ for n in 1 2010 2014 2_17 2_24 2_27 2_28 2_34 2_35; do PLAT="$PLAT --platform ma
 PLAT=${PLAT//manylinux1_x86_64/manylinux1_x86_64}
 for pkg in hydra-core==1.3.8 omegaconf==2.3.0 optuna==5.0.0 sqlalchemy==2.0.58 alembic mako colorlog \
     trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash nltk absl-py \
-    python-mecab-ko==1.3.7 python-mecab-ko-dic gguf==0.19.0 hydra-optuna-sweeper==1.3.0 regex; do
+    python-mecab-ko==1.3.7 python-mecab-ko-dic gguf==0.19.0 hydra-optuna-sweeper==1.3.0 regex \
+    liger-kernel==0.8.5; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     $PLAT -d "$OUT/p0/whl" "$pkg"
 done

@@ -27,6 +27,9 @@ def test_bench_harness_on_cpu(tmp_path):
     result = json.loads((tmp_path / "out" / "tiny-cpu.json").read_text())
     train = result["train"]
     assert set(train) == {"trl_plain", "ours_batch", "ours"}
+    # each variant trained in its own process (Liger's patches must not reach the next one)
+    for name in train:
+        assert (tmp_path / "work" / "variants" / name / "tiny-cpu.json").is_file()
     for name, figures in train.items():
         assert "error" not in figures, (name, figures)
         assert figures["tokens_total"] > 0 and math.isfinite(figures["eval_loss"])

@@ -9,7 +9,13 @@ from summarizer.config import LoraConfig, TrainConfig
 from summarizer.errors import UserError
 from summarizer.model import add_lora
 from summarizer.prompt import IGNORE_INDEX
-from summarizer.train import collate, completion_loss, resolve_checkpoint, training_args
+from summarizer.train import (
+    collate,
+    completion_loss,
+    resolve_checkpoint,
+    training_args,
+    use_liger,
+)
 
 ROWS = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE_INDEX] * 3 + [8, 9]},
@@ -96,3 +102,14 @@ def test_resume_needs_a_checkpoint(tmp_path):
     (tmp_path / "checkpoint-7").mkdir()
     (tmp_path / "checkpoint-7" / "trainer_state.json").write_text("{}")
     assert resolve_checkpoint(str(tmp_path)).endswith("checkpoint-7")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answers")
+def test_liger_choice_without_gpu(tmp_path):
+    assert not use_liger(TrainConfig(liger="false"))
+    assert not use_liger(TrainConfig(liger="auto"))  # auto: no GPU, no Liger, no error
+    assert training_args(TrainConfig(liger="auto"), tmp_path).use_liger_kernel is False
+    with pytest.raises(UserError, match="train.liger=true needs a CUDA GPU"):
+        use_liger(TrainConfig(liger="true"))
+    with pytest.raises(UserError, match="train.liger='fast': expected auto, true or false"):
+        use_liger(TrainConfig(liger="fast"))
