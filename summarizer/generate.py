@@ -96,7 +96,10 @@ def use_merged(cfg: GenerateConfig, quant) -> bool:
     return choice == "true"
 
 
-def use_static(cfg: GenerateConfig, device: torch.device) -> bool:
+STATIC_ATTENTION = ("sdpa", "eager")  # the attentions greedy_static builds masks for
+
+
+def use_static(cfg: GenerateConfig, device: torch.device, attention: str = "sdpa") -> bool:
     """Whether to decode with `greedy_static` (see GenerateConfig.static_decode)."""
     choice = str(cfg.static_decode).lower()
     if choice not in ("auto", "true", "false"):
@@ -116,8 +119,13 @@ def use_static(cfg: GenerateConfig, device: torch.device) -> bool:
             "do_sample=false, repetition_penalty=1.0, no_repeat_ngram_size=0 and no "
             "stop_at_blank_line"
         )
+    if choice == "true" and attention not in STATIC_ATTENTION:
+        raise UserError(
+            f"generate.static_decode=true needs model.attn_implementation sdpa or eager, "
+            f"not {attention!r}"
+        )
     if choice == "auto":
-        return plain_greedy and device.type == "cuda"
+        return plain_greedy and device.type == "cuda" and attention in STATIC_ATTENTION
     return choice == "true"
 
 
@@ -156,16 +164,25 @@ def greedy_static(
     types = set(getattr(config, "layer_types", None) or ())
     window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
 
+    impl = model.config._attn_implementation
+    if impl not in STATIC_ATTENTION:
+        raise ValueError(f"greedy_static: attention {impl!r} is not one of {STATIC_ATTENTION}")
+    low = torch.finfo(model.dtype).min
+
+    def as_mask(keep: torch.Tensor) -> torch.Tensor:
+        # sdpa takes a boolean mask; eager attention adds the mask to the scores
+        return keep if impl == "sdpa" else torch.where(keep, 0.0, low).to(model.dtype)
+
     def masks(allowed: torch.Tensor, query_index: torch.Tensor):
         """allowed: [batch, queries, length] keys each query may see; query_index: [queries]."""
         full = allowed[:, None]
         if not types - {"full_attention"}:
-            return full  # a 4D mask goes to the attention as is
-        out = {t: full for t in types}
+            return as_mask(full)  # a 4D mask goes to the attention as is
+        out = {t: as_mask(full) for t in types}
         if window:
             keys = torch.arange(length, device=device)
             near = keys[None, :] > query_index[:, None] - window
-            out["sliding_attention"] = full & near[None, None]
+            out["sliding_attention"] = as_mask(full & near[None, None])
         return out
 
     stop = torch.zeros(
@@ -283,7 +300,7 @@ def summaries(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    static = use_static(cfg, device)
+    static = use_static(cfg, device, model.config._attn_implementation)
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", unit="batch"):
         idx = order[start : start + cfg.batch_size]
         width = max(len(prompts[i]) for i in idx)

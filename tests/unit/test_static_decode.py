@@ -38,9 +38,10 @@ CONFIGS = {
 PAD = 0
 
 
-def _model(name: str, device="cpu"):
+def _model(name: str, device="cpu", attention="sdpa"):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).eval().to(device)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=attention)
+    model = model.eval().to(device)
     with torch.no_grad():  # sharper logits than the random init's: no near-ties in the argmax
         for n, p in model.named_parameters():
             if "embed" in n or "lm_head" in n:
@@ -79,9 +80,10 @@ def _same(reference, ours):
     assert (ours[:, n:] == PAD).all()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_same_tokens_as_generate(name):
-    model = _model(name)
+def test_same_tokens_as_generate(name, attention):
+    model = _model(name, attention=attention)
     ids, mask = _batch()
     free = _reference(model, ids, mask, 10, [])  # no stop: every row writes 10 tokens
     # a token that row 1 writes by step 4: rows stop at different steps, row 1 mid-way
@@ -151,6 +153,10 @@ def test_use_static_choices():
         use_static(GenerateConfig(static_decode="fast"), cpu)
     with pytest.raises(UserError, match="greedy decoding only"):
         use_static(GenerateConfig(static_decode="true", do_sample=True), cpu)
+    # flash attention takes no 4D mask: auto falls back to generate, true says why
+    assert not use_static(GenerateConfig(), cuda, "flash_attention_2")
+    with pytest.raises(UserError, match="sdpa or eager, not 'flash_attention_2'"):
+        use_static(GenerateConfig(static_decode="true"), cpu, "flash_attention_2")
 
 
 @pytest.mark.gpu
