@@ -58,7 +58,8 @@ def completion_loss(model, batch: dict, num_items: int | torch.Tensor | None = N
     262k-vocabulary model on CPU that projection is most of the step (FACTS: 3x faster). Returns
     (sum of token losses / num_items, model outputs); num_items defaults to this batch's token count.
     """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    # skip_logits: the Trainer's evaluation adds it when Liger is on; this loss needs the logits
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens", "skip_logits")}
     labels = batch["labels"]
     if "cu_seq_lens_q" in batch:  # a packed row: completions are spread along it
         return _packed_loss(model, inputs, labels, num_items)

@@ -113,3 +113,24 @@ def test_liger_choice_without_gpu(tmp_path):
         use_liger(TrainConfig(liger="true"))
     with pytest.raises(UserError, match="train.liger='fast': expected auto, true or false"):
         use_liger(TrainConfig(liger="fast"))
+
+
+def test_completion_loss_drops_the_trainers_skip_logits(tiny):
+    """With train.liger on, the Trainer's evaluation asks the model to skip its logits; the loss
+    computes them itself, so the flag must not reach the model."""
+    model, tok = tiny
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]}]
+    batch = collate(rows, tok.pad_token_id)
+    seen = []
+    forward = model.forward
+
+    def spy(*a, **k):
+        seen.append(set(k))
+        return forward(*a, **k)
+
+    model.forward = spy
+    try:
+        loss, _ = completion_loss(model, {**batch, "skip_logits": True})
+    finally:
+        del model.forward
+    assert torch.isfinite(loss) and seen and all("skip_logits" not in k for k in seen)
