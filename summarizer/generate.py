@@ -147,7 +147,9 @@ def greedy_static(
     the KV cache is static (one buffer per layer, batch x (prompt + new) positions) and one decode
     step (forward, argmax, stop rules, the next step's inputs) only updates tensors in place, so on
     CUDA it is captured once as a CUDA graph and replayed: a step costs its kernels, no Python.
-    The host looks every `check_every` steps whether all rows have stopped.
+    The host looks every `check_every` steps whether rows have stopped: when at most half the
+    batch is still writing, the finished rows leave the batch (and its KV cache) and the graph is
+    captured again for the smaller batch; when none is, decoding ends.
     Rows stop at a stop token or, with `kinds` (NewlineAfterText's table), at a newline after text;
     a stopped row gets pad tokens, as in `generate`. Returns the new tokens, [batch, max_new_tokens].
     """
@@ -233,6 +235,8 @@ def greedy_static(
     pos = positions[:, -1:] + 1
     at = torch.full((1,), width, dtype=torch.long, device=device)  # cache index of `tok`
     col = torch.arange(max_new_tokens, device=device)
+    rows = torch.arange(batch, device=device)  # the input row each row of the state belongs to
+    result = out.clone()
 
     def step() -> None:
         valid.index_fill_(1, at, True)
@@ -251,32 +255,61 @@ def greedy_static(
         pos.add_(1)
         at.add_(1)
 
-    remaining = max_new_tokens - 1
-    run = step
-    if cuda_graph and remaining > 3:
+    def drop_finished() -> None:
+        """Early exit of finished rows: their tokens go to `result`, the state (KV cache included)
+        keeps the others, so later steps compute only rows still writing."""
+        nonlocal tok, pos, valid, done, seen_text, out, rows
+        keep = (~done).nonzero().squeeze(1)
+        result[rows] = out
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+            layer.batch_size = len(keep)
+        tok, pos, valid, done, seen_text, out, rows = (
+            t.index_select(0, keep) for t in (tok, pos, valid, done, seen_text, out, rows)
+        )
+
+    def capture():
+        """The step as a CUDA graph over the current state (after two real warm-up steps, as CUDA
+        asks), or the step itself. Returns (run, steps taken while preparing)."""
+        if not cuda_graph or max_new_tokens - 1 - taken <= 3:
+            return step, 0
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up steps (real ones) before capturing, as CUDA asks
+        with torch.cuda.stream(side):
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        remaining -= 2
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
                 step()  # recorded, not run: the state is untouched if the capture fails
-            run = graph.replay
+            return graph.replay, 2
         except RuntimeError as e:  # a model whose forward syncs with the host cannot be captured
             log.warning(
                 "generate: no CUDA graph for %s (%s); decoding step by step",
                 type(model).__name__,
                 errors.first_line(e),
             )
-    for i in range(remaining):
-        if i % check_every == 0 and bool(done.all()):
-            break
+            return step, 2
+
+    taken, run = 0, None  # decode steps taken (token 0 came from the prefill)
+    while taken < max_new_tokens - 1:
+        if taken % check_every == 0:
+            active = int((~done).sum())  # the one host sync, every check_every steps
+            if active == 0:
+                break
+            if active <= len(rows) // 2 and max_new_tokens - 1 - taken > check_every:
+                drop_finished()
+                run = None  # the graph holds the old tensors: capture again
+        if run is None:
+            run, warm = capture()
+            taken += warm
+            continue
         run()
-    return out
+        taken += 1
+    result[rows] = out
+    return result
 
 
 def clean(text: str, stop_at_newline: bool, stop_at_blank_line: bool = False) -> str:

@@ -131,6 +131,30 @@ def test_stops_early_when_every_row_is_done():
     assert len(calls) < 10  # prefill + a few steps, not 50
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_finished_rows_leave_the_batch(name):
+    """Rows that stopped are dropped from the batch and its KV cache (early exit); the others
+    still write exactly what `generate` writes."""
+    model = _model(name)
+    ids, mask = _batch(pads=(0, 3, 7, 1, 11, 2))
+    free = _reference(model, ids, mask, 12, [])
+    eos = sorted({int(free[r, 1 + r % 3]) for r in range(4)})  # rows 0-3 stop by step 3
+    widths = []
+    forward = model.forward
+
+    def spy(*a, **k):
+        widths.append(k["input_ids"].shape[0])
+        return forward(*a, **k)
+
+    model.forward = spy
+    with torch.inference_mode():
+        ours = greedy_static(model, ids, mask, 12, eos, PAD, check_every=1)
+    del model.forward
+    _same(_reference(model, ids, mask, 12, eos), ours)
+    assert widths[0] == 6 and min(widths) < 6  # the prefill had every row, later steps fewer
+    assert widths == sorted(widths, reverse=True)
+
+
 def test_summaries_static_matches_generate(tiny):
     model, tok = tiny
     prompts = [tok("#Person1#: 안녕하세요 " * n)["input_ids"] for n in (1, 5, 2, 9)]
