@@ -136,9 +136,12 @@ def test_finished_rows_leave_the_batch(name):
     """Rows that stopped are dropped from the batch and its KV cache (early exit); the others
     still write exactly what `generate` writes."""
     model = _model(name)
-    ids, mask = _batch(pads=(0, 3, 7, 1, 11, 2))
+    ids, mask = _batch(pads=(0, 3, 7, 1, 11, 2, 0, 5))
     free = _reference(model, ids, mask, 12, [])
-    eos = sorted({int(free[r, 1 + r % 3]) for r in range(4)})  # rows 0-3 stop by step 3
+    # stop tokens that rows 0-4 write early and rows 5-7 never write: those three go on to the end
+    later = set(free[5:].flatten().tolist())
+    eos = sorted({t for r in range(5) for t in free[r, 1:3].tolist() if t not in later})
+    assert eos
     widths = []
     forward = model.forward
 
@@ -150,8 +153,10 @@ def test_finished_rows_leave_the_batch(name):
     with torch.inference_mode():
         ours = greedy_static(model, ids, mask, 12, eos, PAD, check_every=1)
     del model.forward
-    _same(_reference(model, ids, mask, 12, eos), ours)
-    assert widths[0] == 6 and min(widths) < 6  # the prefill had every row, later steps fewer
+    reference = _reference(model, ids, mask, 12, eos)
+    _same(reference, ours)
+    assert (reference[5:] != PAD).all()  # three rows wrote on to the end
+    assert widths[0] == 8 and 3 <= widths[-1] < 8  # the prefill had every row, later steps fewer
     assert widths == sorted(widths, reverse=True)
 
 
