@@ -264,6 +264,21 @@ SETTING_CASES = {
         ["max_length=24 is too short", "raise train.max_length"],
         None,
     ),
+    "liger-without-gpu": (
+        ["train.liger=true"],
+        ["train.liger=true needs a CUDA GPU and the liger-kernel package"],
+        None,
+    ),
+    "static-decode-bad-value": (
+        ["generate.static_decode=fast"],
+        ["generate.static_decode='fast': expected auto, true or false"],
+        None,
+    ),
+    "static-decode-with-sampling": (
+        ["generate.static_decode=true", "generate.do_sample=true"],
+        ["generate.static_decode=true does greedy decoding only"],
+        None,
+    ),
     "gpu-preset-on-cpu": (
         ["model=solar"],
         ["model=solar needs a CUDA GPU", "use a local preset: model=gemma3_270m"],
@@ -305,7 +320,7 @@ SETTING_CASES = {
 @pytest.mark.parametrize("name", list(SETTING_CASES))
 def test_bad_setting(world, name, monkeypatch):
     overrides, expected, setup = SETTING_CASES[name]
-    if name == "gpu-preset-on-cpu" and torch.cuda.is_available():
+    if name in ("gpu-preset-on-cpu", "liger-without-gpu") and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     if setup:
         setup(monkeypatch)
