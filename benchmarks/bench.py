@@ -493,6 +493,7 @@ class Meter(_trainer_callback_base()):
         self.prof = None
         self.busy = None
         self.profile_wall = None
+        self.profile_top = None  # the profiler's table of host ops, by self CPU time
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
         # accelerate wraps the torch DataLoader: count what its collator hands to the model
@@ -553,7 +554,7 @@ class Meter(_trainer_callback_base()):
             "seconds_per_step": seconds / max(len(pairs), 1),
             "tokens_per_second": tokens / seconds if seconds else float("nan"),
             "gpu_busy": self.busy,
-            "profile_top_host_ops": getattr(self, "profile_top", None),
+            "profile_top_host_ops": self.profile_top,
             "train_loss_last5": sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1),
         }
 

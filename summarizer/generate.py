@@ -342,43 +342,42 @@ def summaries(
         for row, i in enumerate(idx):
             input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
-        stopping = StoppingCriteriaList(
-            [NewlineAfterText(tokenizer)] if cfg.stop_at_newline else []
-        )
-        if cfg.stop_at_blank_line and not cfg.stop_at_newline:
-            stopping.append(BlankLineAfterText(tokenizer, width))
-        if static:
-            with torch.inference_mode():
-                new = greedy_static(
-                    model,
-                    input_ids.to(device),
-                    mask.to(device),
-                    cfg.max_new_tokens,
-                    stop_token_ids,
-                    pad,
-                    kinds=_token_kinds(tokenizer) if cfg.stop_at_newline else None,
-                )
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for row, i in enumerate(idx):
-                out[i] = clean(texts[row], cfg.stop_at_newline, cfg.stop_at_blank_line)
-            continue
+        input_ids, mask = input_ids.to(device), mask.to(device)
         with torch.inference_mode():
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=cfg.max_new_tokens,
-                num_beams=cfg.num_beams,
-                do_sample=cfg.do_sample,
-                temperature=cfg.temperature if cfg.do_sample else None,
-                top_p=cfg.top_p if cfg.do_sample else None,
-                top_k=None,
-                repetition_penalty=cfg.repetition_penalty,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                eos_token_id=stop_token_ids,
-                pad_token_id=pad,
-                stopping_criteria=stopping,
-            )
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            if static:
+                kinds = _token_kinds(tokenizer) if cfg.stop_at_newline else None
+                new = greedy_static(
+                    model, input_ids, mask, cfg.max_new_tokens, stop_token_ids, pad, kinds
+                )
+            else:
+                new = _generate(cfg, model, tokenizer, input_ids, mask, stop_token_ids)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for row, i in enumerate(idx):
             out[i] = clean(texts[row], cfg.stop_at_newline, cfg.stop_at_blank_line)
     return out
+
+
+def _generate(
+    cfg: GenerateConfig, model, tokenizer, input_ids, mask, stop_token_ids
+) -> torch.Tensor:
+    """`generate` with the configured search and stop rules; returns the new tokens."""
+    width = input_ids.shape[1]
+    stopping = StoppingCriteriaList([NewlineAfterText(tokenizer)] if cfg.stop_at_newline else [])
+    if cfg.stop_at_blank_line and not cfg.stop_at_newline:
+        stopping.append(BlankLineAfterText(tokenizer, width))
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=cfg.max_new_tokens,
+        num_beams=cfg.num_beams,
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature if cfg.do_sample else None,
+        top_p=cfg.top_p if cfg.do_sample else None,
+        top_k=None,
+        repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        eos_token_id=stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=stopping,
+    )
+    return generated[:, width:]

@@ -53,9 +53,9 @@ def run(cfg: DictConfig) -> float:
     # Data: load, validate, split by id (seeded), cap for quick runs.
     metrics.check_task(cfg.task)  # a metric or objective the task cannot score fails now
     # Generation and training switches that would only fail after training fail now.
-    gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generate.use_merged(cfg.generate, cfg.quant)
-    generate.use_static(cfg.generate, gpu, cfg.model.attn_implementation or "sdpa")
+    generate.use_static(cfg.generate, device, cfg.model.attn_implementation or "sdpa")
     if cfg.stages.train:
         train.use_liger(cfg.train)
     examples = data.load(cfg.data)
