@@ -57,11 +57,13 @@ bench: $(STAMP) ## GPU: training + generation speed against plain TRL, per shape
 	for s in $(SHAPES); do $(PY) benchmarks/bench.py --shape $$s $(ARGS) || exit 1; done
 	$(PY) benchmarks/bench.py --shape llama-3b --lowmem
 
-bench-wheels: ## wheels an offline GPU image lacks, into .bench/whl (then: bash scripts/gpu/bench.sh there)
+bench-wheels: ## wheels an offline GPU image lacks, into .bench/whl (then scripts/gpu/bench.sh or ddp.sh there)
 	grep -qx "/.bench/" .git/info/exclude 2>/dev/null || echo "/.bench/" >> .git/info/exclude
 	bash ../shared/tools/gpu-wheels.sh .bench/whl transformers==5.23.0 tokenizers==0.23.3 \
-	  huggingface_hub==1.33.0 hydra-core==1.3.8 omegaconf==2.3.0 xxhash==4.1.0
-	$(PY) -m pip wheel -q --no-deps -w .bench/whl antlr4-python3-runtime==4.9.3
+	  huggingface_hub==1.33.0 hydra-core==1.3.8 omegaconf==2.3.0 xxhash==4.1.0 \
+	  optuna==5.0.0 sqlalchemy==2.0.58 alembic==1.20.1 mako==1.4.3 colorlog==6.12.0 \
+	  hydra-optuna-sweeper==1.3.0 nltk==3.10.4
+	$(PY) -m pip wheel -q --no-deps -w .bench/whl antlr4-python3-runtime==4.9.3 rouge_score==0.1.2
 
 test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
 	$(PY) -m pytest -q $(ARGS)

@@ -10,7 +10,7 @@ Two measurements, through the real command line (`python -m summarizer`):
    (train.batch_size / N per GPU: the same updates, so the same losses within float noise), and with
    trainer=ddp at the same batch per GPU (N x the global batch: the usual DDP scaling figure).
    Tokens/s is the pipeline's final_train_tokens_per_second (non-padding training tokens of all
-   ranks over the training wall time), read from MLflow.
+   ranks over the training wall time), read from the run's train_metrics.json.
 2. Sweep: the same N-trial sweep with one trial per GPU on 1 GPU (hydra.sweeper.gpus=[0]) and on all
    of them (gpus=auto), `--per-gpu K` trials per GPU in both. The random sampler with a fixed seed
    and no pruner make both sweeps run the same trials; the figure is the ratio of wall times (goal
@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--per-gpu", type=int, default=1, help="trials at once on each GPU")
     ap.add_argument("--only", choices=("throughput", "sweep"), default=None)
     ap.add_argument("--out", default=None, help="default: benchmarks/out/ddp-<time>")
+    ap.add_argument(
+        "--no-mlflow", action="store_true", help="tracking.enabled=false (a machine without mlflow)"
+    )
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every run")
     args = ap.parse_args()
 
@@ -92,15 +95,14 @@ def main() -> None:
     out = Path(args.out or ROOT / "benchmarks" / "out" / f"ddp-{stamp}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = {"device": device, "processes": n, "date": stamp, "overrides": args.overrides}
+    extra = list(args.overrides) + (["tracking.enabled=false"] if args.no_mlflow else [])
     if args.only != "sweep":
-        base = (CPU_RUN if args.cpu_smoke else GPU_RUN) + list(args.overrides)
+        base = merge_overrides(CPU_RUN if args.cpu_smoke else GPU_RUN, extra)
         results["throughput"] = throughput(out, base, n, args.cpu_smoke)
     if args.only != "throughput":
         sweep = args.sweep or ("tiny_cpu" if args.cpu_smoke else "gemma")
         trials = args.trials or (2 if args.cpu_smoke else 8)
-        results["sweep"] = sweep_times(
-            out, sweep, trials, n, args.per_gpu, args.cpu_smoke, list(args.overrides)
-        )
+        results["sweep"] = sweep_times(out, sweep, trials, n, args.per_gpu, args.cpu_smoke, extra)
     (out / "ddp.json").write_text(json.dumps(results, indent=2))
     (out / "ddp.md").write_text(markdown(results))
     print(markdown(results))
@@ -126,7 +128,7 @@ def throughput(out: Path, base: list[str], n: int, cpu: bool) -> list[dict]:
         folder = out / "runs" / name
         cmd = [*base, *extra, f"train.batch_size={per_device}"]
         seconds = _run([*cmd, f"hydra.run.dir={folder}", _mlflow(out)], out / f"{name}.log")
-        m = _metrics(out, folder)
+        m = _metrics(folder)
         grad_accum = int(_value(base, "train.grad_accum", "1"))
         rows.append(
             {
@@ -223,16 +225,19 @@ def _mlflow(out: Path) -> str:
     return f"tracking.uri=sqlite:///{out}/mlflow.db"
 
 
-def _metrics(out: Path, folder: Path) -> dict[str, float]:
-    """The MLflow metrics of the run that wrote to `folder` (tag output_dir)."""
-    from mlflow.tracking import MlflowClient
+def _metrics(folder: Path) -> dict[str, float]:
+    """The run's training figures (train_metrics.json, the same as MLflow's final_* metrics)."""
+    path = folder / "train_metrics.json"
+    if not path.exists():
+        sys.exit(f"error: {path} missing: the run wrote no training figures")
+    return {f"final_{k}": v for k, v in json.loads(path.read_text()).items()}
 
-    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    exp = client.get_experiment_by_name("summarizer")
-    found = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.output_dir = '{folder.resolve()}'", max_results=1
-    )
-    return dict(found[0].data.metrics) if found else {}
+
+def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
+    """`base` + `extra`, where an `extra` with the same key replaces the base one (Hydra refuses
+    two values for one config group, e.g. model=gemma3_270m and model=tiny)."""
+    keys = {o.split("=", 1)[0] for o in extra}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + extra
 
 
 def _value(overrides: list[str], key: str, default: str | None = None) -> str:

@@ -129,6 +129,8 @@ def run(cfg: DictConfig) -> float:
                     cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks, checkpoint
                 )
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
+                if main:  # also without MLflow (benchmarks/ddp.py reads it)
+                    write_atomic(out / "train_metrics.json", json.dumps(figures, indent=1))
             elif cfg.adapter:
                 lm = model.load_adapter(base, cfg.adapter)
             if not main:  # the other DDP ranks only train; rank 0 saves, generates and scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,9 @@ def test_train_generate_score_and_log(trained):
     ):
         assert key in run.data.metrics, key
     assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny"
+    # the same training figures beside the run, for tools without MLflow (benchmarks/ddp.py)
+    figures = json.loads((out / "train_metrics.json").read_text())
+    assert figures["train_loss_avg"] == run.data.metrics["final_train_loss_avg"]
     assert run.data.tags["choice.model"] == "tiny"
     client = mlflow.MlflowClient()
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
