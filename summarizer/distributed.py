@@ -66,24 +66,6 @@ def is_worker() -> bool:
     return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def pin_one_gpu() -> str | None:
-    """One process (trainer=single) on a host with several GPUs keeps only the first visible one.
-    Otherwise HF's Trainer wraps the model in nn.DataParallel (TRL refuses it; DDP is the way to use
-    them all: trainer=ddp). Before CUDA initialises, as the environment is read then. Returns the
-    GPU kept, or None when nothing changed."""
-    if is_worker() or not torch.cuda.is_available() or torch.cuda.is_initialized():
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        gpus = [str(i) for i in range(torch.cuda.device_count())]
-    else:
-        gpus = [v.strip() for v in visible.split(",") if v.strip()]
-    if len(gpus) <= 1:
-        return None
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-    return gpus[0]
-
-
 def is_main() -> bool:
     return rank() == 0
 

@@ -42,8 +42,6 @@ def run(cfg: DictConfig) -> float:
     nproc = distributed.processes(cfg)  # trainer=ddp: one process per GPU
     if nproc > 1:  # this process starts the workers (each runs this function) and waits for them
         return distributed.launch(cfg, out, nproc, _choices())
-    if gpu := distributed.pin_one_gpu():
-        log.info("trainer=single: training on GPU %s only (trainer=ddp uses all of them)", gpu)
     distributed.setup(cfg.trainer, out)  # a DDP worker joins its group once every rank checked out
     main = distributed.is_main()  # rank 0 (or the only process) writes files, MLflow and Optuna
     uri = tracking.resolve_uri(cfg.tracking.uri, Path.cwd())

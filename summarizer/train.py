@@ -313,7 +313,7 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
             "for early stopping to keep the best checkpoint"
         )
     liger = use_liger(cfg)
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(output_dir),
         # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the model by the Trainer,
         # as TRL's use_liger_kernel does; our loss asks for logits at supervised positions only
@@ -356,6 +356,12 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # HF would log a NaN loss as the running mean: hide nothing
     )
+    if args.n_gpu > 1:
+        # One process on a host with several GPUs: the model sits on one GPU, and HF would wrap it
+        # in nn.DataParallel (TRL refuses; trainer=ddp is the way to use them all). HF's Trainer
+        # sets the same for a model spread over GPUs.
+        args._n_gpu = 1
+    return args
 
 
 def fit(

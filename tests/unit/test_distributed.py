@@ -3,13 +3,11 @@ handling of its workers (with stand-in worker scripts: no torch.distributed, sec
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from summarizer import distributed
@@ -196,31 +194,3 @@ def test_launch_passes_a_workers_user_error_on_as_is(tmp_path, monkeypatch):
 def test_launch_without_a_result_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="the workers left no result.json"):
         _launch(tmp_path, monkeypatch, "silent")
-
-
-@pytest.mark.parametrize(
-    ("visible", "count", "kept"),
-    [(None, 2, "0"), ("3,5", 2, "3"), ("1", 1, None), (None, 1, None)],
-)
-def test_one_process_on_several_gpus_keeps_the_first(monkeypatch, visible, count, kept):
-    # HF's Trainer would wrap the model in nn.DataParallel over every visible GPU (TRL refuses it)
-    for var in ("WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    if visible is None:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    else:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    assert distributed.pin_one_gpu() == kept
-    expected = kept if kept is not None else visible
-    assert os.environ.get("CUDA_VISIBLE_DEVICES") == expected
-
-
-def test_a_ddp_worker_keeps_its_gpus(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distributed.pin_one_gpu() is None
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"

@@ -134,3 +134,17 @@ def test_completion_loss_drops_the_trainers_skip_logits(tiny):
     finally:
         del model.forward
     assert torch.isfinite(loss) and seen and all("skip_logits" not in k for k in seen)
+
+
+
+def test_one_process_never_uses_data_parallel(tmp_path, monkeypatch):
+    # HF counts every visible GPU (n_gpu) and wraps the model in nn.DataParallel, which TRL refuses
+    from summarizer import train as train_mod
+
+    class TwoGpus(train_mod.SFTConfig):
+        def __post_init__(self):
+            super().__post_init__()
+            self._n_gpu = 2  # what HF counts on a host with two GPUs
+
+    monkeypatch.setattr(train_mod, "SFTConfig", TwoGpus)
+    assert training_args(TrainConfig(), tmp_path).n_gpu == 1
