@@ -244,6 +244,7 @@ def _build_tiny(cfg: ModelConfig, cache_dir: str):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        attn_implementation=cfg.attn_implementation,  # None: transformers' default (sdpa)
     )
     torch.manual_seed(0)  # the same random model in every run
     model = LlamaForCausalLM(config).to(resolve_dtype(cfg.dtype))

@@ -83,3 +83,13 @@ def test_stop_token_must_exist(tiny):
     assert stop_token_id(ModelConfig(name="t"), tok) == tok.eos_token_id
     with pytest.raises(UserError, match="stop_token"):
         stop_token_id(ModelConfig(name="t", stop_token="<|nope|>"), tok)
+
+
+def test_tiny_model_takes_the_attention_setting():
+    from summarizer.config import ModelConfig, QuantConfig
+    from summarizer.model import build_model
+
+    for attn in ("eager", "sdpa"):
+        cfg = ModelConfig(name="tiny", source="tiny", dtype="float32", attn_implementation=attn)
+        lm, _ = build_model(cfg, QuantConfig(), "~/.cache/summarizer")
+        assert lm.config._attn_implementation == attn
