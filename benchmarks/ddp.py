@@ -40,6 +40,7 @@ GPU_RUN = [  # Gemma 3 270M in bf16; one evaluation at the end for the losses
     "train.batch_size=8",
     "train.grad_accum=1",
     "train.gradient_checkpointing=false",
+    "train.optim=adamw_torch_fused",  # as sweep=gemma: a small bf16 model needs no paged optimizer
     "train.eval_steps=80",
     "train.save_steps=80",
     "train.early_stopping_patience=0",
