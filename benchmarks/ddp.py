@@ -188,7 +188,8 @@ def sweep_times(
             *overrides,
         ]
         seconds = _run(cmd, out / f"{study}.log")
-        states = [t.state.name for t in optuna.load_study(study_name=study, storage=storage).trials]
+        trials = optuna.load_study(study_name=study, storage=storage).trials
+        states = [t.state.name for t in trials]
         rows.append(
             {
                 "setup": label,
@@ -196,6 +197,11 @@ def sweep_times(
                 "wall_seconds": seconds,
                 "complete": states.count("COMPLETE"),
                 "failed": states.count("FAIL"),
+                # why trials failed (the sweeper keeps each one's error line): a sweep of failed
+                # trials times nothing worth comparing
+                "errors": sorted(
+                    {t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"}
+                ),
             }
         )
     for row in rows:
@@ -286,6 +292,10 @@ def markdown(r: dict) -> str:
                 f"| {x['complete']} / {x['failed']} | {x['ratio']:.2f} |"
             )
         lines.append("")
+        errors = sorted({e for x in s["rows"] for e in x.get("errors", [])})
+        if errors:
+            lines += ["**Trials failed, so these wall times compare nothing.** Why:", ""]
+            lines += [f"- `{e}`" for e in errors] + [""]
     return "\n".join(lines)
 
 

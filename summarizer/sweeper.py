@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 RETRY_OF = "retry_of"  # user attr of a re-queued trial: the number of the trial it repeats
 WORKER = "worker"  # user attr: host:pid of the sweeper process running the trial
 INTERRUPTED = "interrupted"  # user attr of a trial cut off by Ctrl-C or a dead worker
+ERROR = "error"  # user attr of a failed trial: the line of its job.log that says why
 JOINED = "sweepers_joined"  # study user attr: sweeper processes started on it (seed offsets)
 
 
@@ -299,6 +300,29 @@ def claim(
     # before its first periodic one.
     study._storage.record_heartbeat(trial._trial_id)
     return trial, running
+
+
+def failure_line(job_log: Path) -> str | None:
+    """Why a trial's process failed, from the end of its job.log: the last `error:` line (what
+    a UserError prints), else the last exception line of a traceback."""
+    try:
+        with open(job_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: ") :].strip()[:300]
+    for line in reversed(lines):
+        name = line.split(":", 1)[0]
+        if (
+            ":" in line
+            and name.replace(".", "").replace("_", "").isalnum()
+            and (name.endswith(("Error", "Exception", "Interrupt")))
+        ):
+            return line.strip()[:300]
+    return None
 
 
 def _read_result(out: Path) -> dict | None:
@@ -644,10 +668,17 @@ class SummarizerSweeper(Sweeper):
                 self.study.tell(trial, float(result["value"]))
                 log.info("trial %d finished: %.4f", trial.number, result["value"])
             else:
+                reason = failure_line(logs)
+                if reason:  # kept in the study: the report and other workers can show it
+                    trial.set_user_attr(ERROR, reason)
                 self.study.tell(trial, state=TrialState.FAIL)
                 self._mlflow_fail(trial.number)
                 log.warning(
-                    "trial %d FAILED (exit code %s); see %s", trial.number, returncode, logs
+                    "trial %d FAILED (exit code %s)%s; see %s",
+                    trial.number,
+                    returncode,
+                    f": {reason}" if reason else "",
+                    logs,
                 )
         self.wake.set()
 

@@ -92,6 +92,7 @@ def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
     run_sweep(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1", space, *pruner)
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[0].user_attrs["error"] == "train.lr=-1.0 must be > 0"  # why, from its job.log
     assert trials[2].intermediate_values  # reported -eval_loss before being pruned
 
     by_trial = {r.data.tags.get("optuna.trial"): r for r in runs(tmp_path)}

@@ -199,3 +199,37 @@ def test_cuda_graph_same_tokens_as_generate(name, caplog):
         ours = greedy_static(model, ids, mask, 16, eos, PAD, cuda_graph=True)
     assert "no CUDA graph" not in caplog.text  # the graph was captured and replayed
     _same(_reference(model, ids, mask, 16, eos), ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_cuda_graph_rows_leave_the_batch(attention, caplog):
+    """Early exit on CUDA: finished rows leave, the graph is captured again for the smaller batch,
+    and the rows still writing get what `generate` gives them (eager attention as well as sdpa)."""
+    model = _model("llama", "cuda", attention)
+    ids, mask = _batch("cuda", pads=(0, 3, 7, 1, 11, 2, 0, 5))
+    free = _reference(model, ids, mask, 24, [])
+    later = set(free[5:].flatten().tolist())
+    eos = sorted({t for r in range(5) for t in free[r, 1:3].tolist() if t not in later})
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        ours = greedy_static(model, ids, mask, 24, eos, PAD, cuda_graph=True, check_every=4)
+    assert "no CUDA graph" not in caplog.text
+    reference = _reference(model, ids, mask, 24, eos)
+    _same(reference, ours)
+    assert (reference[5:] != PAD).all()
+
+
+@pytest.mark.gpu
+def test_summaries_on_cuda_match_generate(tiny):
+    """The pipeline's call on CUDA (newline rule, eos, CUDA graph) against plain `generate`."""
+    model, tok = tiny
+    model = model.to("cuda")
+    try:
+        prompts = [tok("#Person1#: 안녕하세요 " * n)["input_ids"] for n in (1, 5, 2, 9, 3)]
+        texts = {}
+        for choice in ("true", "false"):
+            cfg = GenerateConfig(batch_size=5, max_new_tokens=40, static_decode=choice)
+            texts[choice] = summaries(cfg, model, tok, prompts, [tok.eos_token_id])
+        assert texts["true"] == texts["false"]
+    finally:
+        model.to("cpu")  # the session's fixture is shared with CPU tests

@@ -83,3 +83,17 @@ def test_pruners(name):
 def test_unknown_pruner():
     with pytest.raises(UserError, match="trial.pruner.name='sometimes'"):
         build_pruner(PrunerConfig(name="sometimes"))
+
+
+def test_failure_line_says_why_a_trial_failed(tmp_path):
+    from summarizer.sweeper import failure_line
+
+    log = tmp_path / "job.log"
+    log.write_text("step 1\r step 2\nerror: train.lr=-1.0 must be > 0\n")
+    assert failure_line(log) == "train.lr=-1.0 must be > 0"
+    tb = "Traceback (most recent call last):\n  File 'x.py', line 1\n"
+    log.write_text("x" * 70000 + "\n" + tb + "torch.AcceleratorError: CUDA error: bad\n\nbye\n")
+    assert failure_line(log) == "torch.AcceleratorError: CUDA error: bad"
+    log.write_text("killed\n")
+    assert failure_line(log) is None
+    assert failure_line(tmp_path / "missing.log") is None
