@@ -202,12 +202,27 @@ def sweep_times(
                 "errors": sorted(
                     {t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"}
                 ),
+                "slot_busy": slot_busy(trials, seconds, len(slots[0].split("=", 1)[1].split(","))),
             }
         )
     for row in rows:
         row["ratio"] = row["wall_seconds"] / rows[0]["wall_seconds"]
     slot = "worker (CPU)" if cpu else "GPU"
     return {"sweep": sweep, "trials": trials, "per_gpu": per_gpu, "slot": slot, "rows": rows}
+
+
+def slot_busy(trials, wall_seconds: float, slots: int) -> float | None:
+    """Share of the sweep's wall time x its slots (GPUs, or CPU workers) that trials ran in: near 1
+    when no slot idles while others finish their trials (start-up and the sweeper's own time are
+    the rest)."""
+    spans = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in trials
+        if t.datetime_start and t.datetime_complete
+    ]
+    if not spans or wall_seconds <= 0 or slots < 1:
+        return None
+    return sum(spans) / (wall_seconds * slots)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -283,13 +298,14 @@ def markdown(r: dict) -> str:
             f"Sweep `sweep={s['sweep']}`, {s['trials']} trials (random sampler seed 42, no "
             f"pruning), {s['per_gpu']} at a time per {s.get('slot', 'GPU')}:",
             "",
-            "| setup | workers | wall time (s) | complete / failed | ratio |",
-            "| --- | --- | --- | --- | --- |",
+            "| setup | workers | wall time (s) | complete / failed | slots busy | ratio |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for x in s["rows"]:
             lines.append(
                 f"| {x['setup']} | `{x['workers']}` | {x['wall_seconds']:.1f} "
-                f"| {x['complete']} / {x['failed']} | {x['ratio']:.2f} |"
+                f"| {x['complete']} / {x['failed']} | {_f(x.get('slot_busy'), '.2f')} "
+                f"| {x['ratio']:.2f} |"
             )
         lines.append("")
         errors = sorted({e for x in s["rows"] for e in x.get("errors", [])})

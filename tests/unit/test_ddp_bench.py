@@ -23,3 +23,26 @@ def test_figures_come_from_the_run_folder(tmp_path):
     assert ddp._metrics(tmp_path) == {"final_train_tokens_per_second": 12.5}
     with pytest.raises(SystemExit, match="train_metrics.json missing"):
         ddp._metrics(tmp_path / "nothing")
+
+
+def test_slot_busy_is_trial_time_over_wall_time_and_slots():
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    t0 = datetime(2026, 1, 1)
+
+    def trial(start, seconds):
+        begin = t0 + timedelta(seconds=start)
+        return SimpleNamespace(
+            datetime_start=begin, datetime_complete=begin + timedelta(seconds=seconds)
+        )
+
+    # two GPUs, 100 s: one slot ran 90 s of trials, the other 50 s (it idled at the end)
+    trials = [
+        trial(0, 45),
+        trial(45, 45),
+        trial(0, 50),
+        SimpleNamespace(datetime_start=t0, datetime_complete=None),
+    ]
+    assert ddp.slot_busy(trials, 100.0, 2) == 0.7
+    assert ddp.slot_busy([], 100.0, 2) is None
