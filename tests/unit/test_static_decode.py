@@ -160,13 +160,35 @@ def test_finished_rows_leave_the_batch(name):
     assert widths == sorted(widths, reverse=True)
 
 
-def test_summaries_static_matches_generate(tiny):
-    model, tok = tiny
-    prompts = [tok("#Person1#: 안녕하세요 " * n)["input_ids"] for n in (1, 5, 2, 9)]
+def _lora_tiny(cache_dir, attention="sdpa", device="cpu"):
+    """The tiny preset with LoRA (as a run generates with quant=none), its weights redrawn wide
+    enough that greedy decoding writes varied text and newlines (the preset's own init writes
+    spaces only, which would make every summary empty)."""
+    from summarizer.config import LoraConfig, ModelConfig, QuantConfig
+    from summarizer.model import add_lora, build_model
+
+    cfg = ModelConfig(name="tiny", source="tiny", dtype="float32", attn_implementation=attention)
+    base, tok = build_model(cfg, QuantConfig(), cache_dir)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.5)
+    return add_lora(base.to(device), LoraConfig(), gradient_checkpointing=False), tok
+
+
+def _summaries_both_ways(model, tok):
+    prompts = [tok("#Person1#: 안녕하세요 " * n)["input_ids"] for n in (1, 5, 2, 9, 3, 7)]
     texts = {}
     for choice in ("true", "false"):
-        cfg = GenerateConfig(batch_size=3, max_new_tokens=12, static_decode=choice)
+        cfg = GenerateConfig(batch_size=4, max_new_tokens=24, static_decode=choice)
         texts[choice] = summaries(cfg, model, tok, prompts, [tok.eos_token_id])
+    assert sum(bool(t) for t in texts["false"]) >= 3  # real text to compare
+    return texts
+
+
+def test_summaries_static_matches_generate(cache_dir):
+    texts = _summaries_both_ways(*_lora_tiny(cache_dir))
     assert texts["true"] == texts["false"]
 
 
@@ -220,16 +242,9 @@ def test_cuda_graph_rows_leave_the_batch(attention, caplog):
 
 
 @pytest.mark.gpu
-def test_summaries_on_cuda_match_generate(tiny):
-    """The pipeline's call on CUDA (newline rule, eos, CUDA graph) against plain `generate`."""
-    model, tok = tiny
-    model = model.to("cuda")
-    try:
-        prompts = [tok("#Person1#: 안녕하세요 " * n)["input_ids"] for n in (1, 5, 2, 9, 3)]
-        texts = {}
-        for choice in ("true", "false"):
-            cfg = GenerateConfig(batch_size=5, max_new_tokens=40, static_decode=choice)
-            texts[choice] = summaries(cfg, model, tok, prompts, [tok.eos_token_id])
-        assert texts["true"] == texts["false"]
-    finally:
-        model.to("cpu")  # the session's fixture is shared with CPU tests
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_summaries_on_cuda_match_generate(attention, cache_dir):
+    """The pipeline's call on CUDA (newline rule, eos, CUDA graph) on an unmerged LoRA model, as a
+    sweep trial with quant=none evaluates it, against plain `generate`."""
+    texts = _summaries_both_ways(*_lora_tiny(cache_dir, attention, "cuda"))
+    assert texts["true"] == texts["false"]
