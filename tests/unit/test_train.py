@@ -136,7 +136,6 @@ def test_completion_loss_drops_the_trainers_skip_logits(tiny):
     assert torch.isfinite(loss) and seen and all("skip_logits" not in k for k in seen)
 
 
-
 def test_one_process_never_uses_data_parallel(tmp_path, monkeypatch):
     # HF counts every visible GPU (n_gpu) and wraps the model in nn.DataParallel, which TRL refuses
     from summarizer import train as train_mod
