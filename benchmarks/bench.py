@@ -13,7 +13,8 @@ of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
                 Liger kernels
   c. ours       summarizer.train.fit as the GPU presets run it: examples packed into rows of
                 batch x max length tokens (ours_batch: the plain run's batches of 8, each packed;
-                ours_ckpt: with gradient checkpointing, for the memory it saves), FlashAttention varlen kernel (summarizer/packing.py),
+                ours_ckpt: with gradient checkpointing, for the memory it saves; ours_compile, not
+                run by default: with train.compile), FlashAttention varlen kernel (summarizer/packing.py),
                 LM head only at supervised positions, no gradient checkpointing, fused AdamW
 
 and records non-padding tokens/s, s/step, peak GPU memory, the fraction of a step the GPU is busy
@@ -301,7 +302,7 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         trainer = trl_trainer(variant, base, tokenizer, train_rows, args, out, meter)
         trainer.train()
         lm = trainer.model
-    elif variant in ("ours", "ours_batch", "ours_ckpt"):
+    elif variant in ("ours", "ours_batch", "ours_ckpt", "ours_compile"):
         from summarizer import model as summarizer_model
         from summarizer import train
 
@@ -311,6 +312,10 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
             cfg.pack_tokens = 0
         if args.grad_ckpt or variant == "ours_ckpt":  # memory for speed (SOLAR-10.7B at 2048)
             cfg.gradient_checkpointing = True
+        if (
+            variant == "ours_compile"
+        ):  # train.compile: each decoder layer compiled (warm-up: compile)
+            cfg.compile = True
         lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing, cfg.upcast_frozen)
         rows = [to_labels(r) for r in train_rows]
         train.fit(cfg, lm, tokenizer, rows, [], out, [meter])

@@ -258,6 +258,9 @@ class TrainConfig:
     packing: bool = False
     pack_tokens: int | None = None
     pack_multiple: int = 64  # packed rows are padded to a multiple of this (fewer distinct shapes)
+    # torch.compile of each decoder layer (regional: one compiled code for all layers, dynamic
+    # shapes): fewer, fused kernels and less per-layer Python; compiled on the first steps
+    compile: bool = False
 
 
 @dataclass

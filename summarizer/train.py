@@ -416,6 +416,10 @@ def fit(
         data_collator=collator,
         callbacks=extra,
     )
+    if cfg.compile:  # after the Trainer patched Liger's modules in, so that they are compiled too
+        log.info(
+            "train.compile: %d decoder layers compile on the first steps", compile_layers(model)
+        )
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
     if not resume and cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from)
@@ -444,6 +448,22 @@ def fit(
     if eval_loss is not None:
         figures["eval_loss"] = eval_loss
     return figures
+
+
+def compile_layers(model) -> int:
+    """Regional compilation: torch.compile on each repeated decoder layer, in place (the module tree
+    and state dict keep their names, so checkpoints and adapters are unchanged); the embeddings,
+    LM head and loss stay eager. Layers share one compiled code; shapes are dynamic (packed rows
+    vary in length). Returns the number of layers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise UserError(
+            f"train.compile=true: no decoder layers (.model.layers) in {type(base).__name__}"
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def _packs_bins(cfg: TrainConfig) -> bool:
