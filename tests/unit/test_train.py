@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -150,6 +152,7 @@ def test_one_process_never_uses_data_parallel(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
     """train.compile=true: torch.compile on each decoder layer, the same steps and losses as eager
     (LoRA dropout off: compiled and eager code draw different random masks)."""
