@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -416,10 +417,6 @@ def fit(
         data_collator=collator,
         callbacks=extra,
     )
-    if cfg.compile:  # after the Trainer patched Liger's modules in, so that they are compiled too
-        log.info(
-            "train.compile: %d decoder layers compile on the first steps", compile_layers(model)
-        )
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
     if not resume and cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from)
@@ -430,7 +427,8 @@ def fit(
         trainer.loss_before = loss_sum or 0.0
         log.info("resuming from %s (step %d)", resume, start_step)
     start = time.perf_counter()
-    with packing.attention(model, cfg.packing):  # varlen kernel for packed rows on CUDA
+    # compiled after the Trainer patched Liger's modules in (so they are compiled too); training only
+    with packing.attention(model, cfg.packing), compiled_layers(model, cfg.compile):
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
@@ -450,11 +448,15 @@ def fit(
     return figures
 
 
-def compile_layers(model) -> int:
-    """Regional compilation: torch.compile on each repeated decoder layer, in place (the module tree
-    and state dict keep their names, so checkpoints and adapters are unchanged); the embeddings,
-    LM head and loss stay eager. Layers share one compiled code; shapes are dynamic (packed rows
-    vary in length). Returns the number of layers."""
+@contextlib.contextmanager
+def compiled_layers(model, on: bool = True):
+    """Regional compilation while training: torch.compile on each repeated decoder layer, in place
+    (module names and state dict unchanged, so checkpoints and adapters are too); embeddings, LM
+    head and loss stay eager. The layers share one compiled code; shapes are dynamic (packed rows
+    vary in length). Eager again afterwards: generation has other shapes and its own CUDA graphs."""
+    if not on:
+        yield
+        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
@@ -463,7 +465,12 @@ def compile_layers(model) -> int:
         )
     for layer in layers:
         layer.compile(dynamic=True)
-    return len(layers)
+    log.info("train.compile: %d decoder layers, compiled on the first steps", len(layers))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to eager
 
 
 def _packs_bins(cfg: TrainConfig) -> bool:

@@ -183,9 +183,13 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
             compile=compiled,
             warmup_ratio=0.0,
         )
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         figures[compiled] = fit(cfg, lm, tok, rows, [], tmp_path / str(compiled))
+        # layers ran compiled (dynamo made graphs) only when asked, and are eager again after
+        assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == compiled
         layers = lm.get_base_model().model.layers
-        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        assert all(layer._compiled_call_impl is None for layer in layers)
     assert figures[True]["train_steps"] == figures[False]["train_steps"] == 3
     assert figures[True]["train_loss_avg"] == pytest.approx(
         figures[False]["train_loss_avg"], rel=1e-4
@@ -193,7 +197,8 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
 
 
 def test_compile_needs_decoder_layers():
-    with pytest.raises(UserError, match="train.compile=true: no decoder layers"):
-        from summarizer.train import compile_layers
+    from summarizer.train import compiled_layers
 
-        compile_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(UserError, match="train.compile=true: no decoder layers"):
+        with compiled_layers(torch.nn.Linear(2, 2)):
+            pass
