@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from summarizer.errors import UserError
+from summarizer.errors import UserError, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +352,7 @@ def failure_message(r: int, code: int, log_file: Path, n: int) -> str:
 
 
 def _last_line(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-            lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return ""
+    lines = log_tail(path)
     return lines[-1].strip() if lines else ""
 
 

@@ -67,7 +67,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import _convert_old_distribution_to_new_distribution
 from optuna.trial import TrialState
 
-from summarizer.errors import UserError, first_line
+from summarizer.errors import UserError, first_line, log_tail
 from summarizer.services import pid_alive
 
 log = logging.getLogger(__name__)
@@ -305,12 +305,7 @@ def claim(
 def failure_line(job_log: Path) -> str | None:
     """Why a trial's process failed, from the end of its job.log: the last `error:` line (what
     a UserError prints), else the last exception line of a traceback."""
-    try:
-        with open(job_log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
+    lines = log_tail(job_log, 65536)
     for line in reversed(lines):
         if line.startswith("error: "):
             return line[len("error: ") :].strip()[:300]
