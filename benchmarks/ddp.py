@@ -161,18 +161,18 @@ def sweep_times(
     # On CPU there are no GPUs to pin: n_jobs workers share the cores instead (a smoke test only).
     one = ",".join(["0"] * per_gpu)
     every = ",".join(str(g) for g in range(n) for _ in range(per_gpu))
-    if cpu:
+    if cpu:  # (label, its overrides, trials at once)
         setups = [
-            ("1 worker", ["hydra.sweeper.n_jobs=1"]),
-            (f"{n} workers", [f"hydra.sweeper.n_jobs={n}"]),
+            ("1 worker", ["hydra.sweeper.n_jobs=1"], 1),
+            (f"{n} workers", [f"hydra.sweeper.n_jobs={n}"], n),
         ]
     else:
         setups = [
-            ("1 GPU", [f"hydra.sweeper.gpus=[{one}]"]),
-            (f"{n} GPUs", [f"hydra.sweeper.gpus=[{every}]"]),
+            ("1 GPU", [f"hydra.sweeper.gpus=[{one}]"], per_gpu),
+            (f"{n} GPUs", [f"hydra.sweeper.gpus=[{every}]"], n * per_gpu),
         ]
     rows = []
-    for i, (label, slots) in enumerate(setups):
+    for i, (label, slots, at_once) in enumerate(setups):
         study = f"bench_{sweep}_{i}"
         storage = f"sqlite:///{out}/optuna.db"
         cmd = [
@@ -202,7 +202,7 @@ def sweep_times(
                 "errors": sorted(
                     {t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"}
                 ),
-                "slot_busy": slot_busy(trials, seconds, len(slots[0].split("=", 1)[1].split(","))),
+                "slot_busy": slot_busy(trials, seconds, at_once),
             }
         )
     for row in rows:
