@@ -334,6 +334,8 @@ def summaries(
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
     static = use_static(cfg, device, model.config._attn_implementation)
+    # the newline rule's table of token kinds, on the device once for every batch
+    kinds = _token_kinds(tokenizer).to(device) if static and cfg.stop_at_newline else None
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", unit="batch"):
         idx = order[start : start + cfg.batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -345,7 +347,6 @@ def summaries(
         input_ids, mask = input_ids.to(device), mask.to(device)
         with torch.inference_mode():
             if static:
-                kinds = _token_kinds(tokenizer) if cfg.stop_at_newline else None
                 new = greedy_static(
                     model, input_ids, mask, cfg.max_new_tokens, stop_token_ids, pad, kinds
                 )
