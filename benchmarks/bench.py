@@ -312,10 +312,8 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
             cfg.pack_tokens = 0
         if args.grad_ckpt or variant == "ours_ckpt":  # memory for speed (SOLAR-10.7B at 2048)
             cfg.gradient_checkpointing = True
-        if (
-            variant == "ours_compile"
-        ):  # train.compile: each decoder layer compiled (warm-up: compile)
-            cfg.compile = True
+        # train.compile: each decoder layer compiled (the warm-up steps pay the compile)
+        cfg.compile = variant == "ours_compile"
         lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing, cfg.upcast_frozen)
         rows = [to_labels(r) for r in train_rows]
         train.fit(cfg, lm, tokenizer, rows, [], out, [meter])
