@@ -188,8 +188,8 @@ def sweep_times(
             *overrides,
         ]
         seconds = _run(cmd, out / f"{study}.log")
-        trials = optuna.load_study(study_name=study, storage=storage).trials
-        states = [t.state.name for t in trials]
+        done = optuna.load_study(study_name=study, storage=storage).trials
+        states = [t.state.name for t in done]
         rows.append(
             {
                 "setup": label,
@@ -200,9 +200,9 @@ def sweep_times(
                 # why trials failed (the sweeper keeps each one's error line): a sweep of failed
                 # trials times nothing worth comparing
                 "errors": sorted(
-                    {t.user_attrs.get("error", "?") for t in trials if t.state.name == "FAIL"}
+                    {t.user_attrs.get("error", "?") for t in done if t.state.name == "FAIL"}
                 ),
-                "slot_busy": slot_busy(trials, seconds, at_once),
+                "slot_busy": slot_busy(done, seconds, at_once),
             }
         )
     for row in rows:

@@ -46,3 +46,26 @@ def test_slot_busy_is_trial_time_over_wall_time_and_slots():
     ]
     assert ddp.slot_busy(trials, 100.0, 2) == 0.7
     assert ddp.slot_busy([], 100.0, 2) is None
+
+
+def test_every_sweep_setup_asks_for_the_same_number_of_trials(tmp_path, monkeypatch):
+    import optuna
+
+    asked = []
+
+    def fake_run(cmd, log):  # a "sweep": record the command, add the trials it asks for
+        asked.append(cmd)
+        get = dict(c.split("=", 1) for c in cmd if "=" in c)
+        study = optuna.create_study(
+            study_name=get["hydra.sweeper.study_name"], storage=get["hydra.sweeper.storage"]
+        )
+        for _ in range(int(get["hydra.sweeper.n_trials"])):
+            study.add_trial(optuna.trial.create_trial(value=1.0))
+        return 10.0
+
+    monkeypatch.setattr(ddp, "_run", fake_run)
+    r = ddp.sweep_times(tmp_path, "gemma", 3, 2, 1, cpu=False, overrides=[])
+    assert [c for cmd in asked for c in cmd if c.startswith("hydra.sweeper.n_trials")] == [
+        "hydra.sweeper.n_trials=3"
+    ] * 2
+    assert [row["complete"] for row in r["rows"]] == [3, 3] and r["trials"] == 3
