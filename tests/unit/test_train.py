@@ -202,3 +202,30 @@ def test_compile_needs_decoder_layers():
     with pytest.raises(UserError, match="train.compile=true: no decoder layers"):
         with compiled_layers(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_mixed_precision_training_leaves_the_model_in_its_own_dtype(tmp_path, cache_dir):
+    """bf16 training wraps model.forward in autocast; after fit the model computes in its own
+    dtype again (as `predict` will), so the static decoder's one-dtype KV cache takes its keys
+    and values (a sweep trial on a GPU failed there: Float cache, BFloat16 values)."""
+    from unittest.mock import ANY
+
+    from summarizer.config import GenerateConfig, ModelConfig, QuantConfig
+    from summarizer.generate import summaries
+    from summarizer.model import build_model
+    from summarizer.train import fit
+
+    base, tok = build_model(
+        ModelConfig(name="tiny", source="tiny", dtype="float32", attn_implementation="eager"),
+        QuantConfig(),
+        cache_dir,
+    )
+    lm = add_lora(base, LoraConfig(), gradient_checkpointing=False)
+    rows = [{"input_ids": list(range(5, 45)), "labels": [IGNORE_INDEX] * 32 + list(range(37, 45))}]
+    cfg = TrainConfig(max_steps=1, batch_size=1, eval_strategy="no", save_steps=100)
+    cfg.precision = "bf16"
+    fit(cfg, lm, tok, rows, [], tmp_path)
+    gen = GenerateConfig(batch_size=1, max_new_tokens=4, static_decode="true")
+    assert summaries(gen, lm, tok, [[5, 6, 7, 8]], [tok.eos_token_id]) == [ANY]
+    with torch.inference_mode():
+        assert lm(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.dtype == torch.float32
