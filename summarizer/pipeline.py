@@ -58,6 +58,7 @@ def run(cfg: DictConfig) -> float:
     generate.use_static(cfg.generate, device, cfg.model.attn_implementation or "sdpa")
     if cfg.stages.train:
         train.use_liger(cfg.train)
+        train.use_fused_head(cfg.train)
     examples = data.load(cfg.data)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")

@@ -54,6 +54,51 @@ def test_completion_loss_matches_full_logits_loss(tiny):
     assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed):
+    """train.fused_lm_head: TRL's chunked head (as its SFTTrainer installs it) gives the loss and
+    LoRA gradients of the logits path, for padded batches and packed rows."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from summarizer.packing import attention, collate_packed
+
+    base = copy.deepcopy(tiny[0])
+    add_fused_lm_head(base)
+    lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    rows = []
+    for n_prompt, n_completion in [(30, 5), (12, 9), (20, 1)]:
+        ids = torch.randint(4, 1000, (n_prompt + n_completion,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    batch = collate_packed(rows, 0) if packed else collate(rows, pad_token_id=0)
+    results = {}
+    for fused in (False, True):
+        lm.zero_grad()
+        with attention(lm, packed):
+            loss, _ = completion_loss(lm, batch, num_items=torch.tensor(20), fused=fused)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
+        results[fused] = (loss.item(), grads)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lm_head_choice(tmp_path, monkeypatch):
+    from summarizer.train import use_fused_head
+
+    assert use_fused_head(TrainConfig(fused_lm_head="true"))
+    assert not use_fused_head(TrainConfig(fused_lm_head="false"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not use_fused_head(TrainConfig())  # auto: CUDA only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert use_fused_head(TrainConfig())
+    with pytest.raises(UserError, match="train.fused_lm_head='yes': expected auto, true or false"):
+        use_fused_head(TrainConfig(fused_lm_head="yes"))
+
+
 def test_lora_wraps_all_seven_projections(tiny):
     import copy
 
@@ -115,6 +160,18 @@ def test_liger_choice_without_gpu(tmp_path):
         use_liger(TrainConfig(liger="true"))
     with pytest.raises(UserError, match="train.liger='fast': expected auto, true or false"):
         use_liger(TrainConfig(liger="fast"))
+
+
+def test_compile_turns_liger_off(monkeypatch):
+    """Liger's Triton kernels fail under dynamo (seen on an H200): train.compile leaves them out."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert use_liger(TrainConfig(liger="auto"))  # a GPU with liger-kernel: on
+    assert not use_liger(TrainConfig(liger="auto", compile=True))
+    with pytest.raises(UserError, match="train.liger=true and train.compile=true do not combine"):
+        use_liger(TrainConfig(liger="true", compile=True))
 
 
 def test_completion_loss_drops_the_trainers_skip_logits(tiny):
@@ -194,6 +251,41 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
     assert figures[True]["train_loss_avg"] == pytest.approx(
         figures[False]["train_loss_avg"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_fit_with_the_fused_lm_head_trains_as_without(tmp_path, cache_dir, monkeypatch):
+    """train.fused_lm_head=true reaches the trainer's loss: the same packed steps, the same losses."""
+    import summarizer.train as train_mod
+    from summarizer.config import ModelConfig, QuantConfig
+    from summarizer.model import build_model
+    from summarizer.train import fit
+
+    seen = []
+
+    def spy(model, batch, num_items=None, fused=False):
+        seen.append(fused)
+        return completion_loss(model, batch, num_items, fused)
+
+    monkeypatch.setattr(train_mod, "completion_loss", spy)
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (40, 64, 33, 57, 48, 61):
+        ids = torch.randint(5, 500, (n,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - 8) + ids[-8:]})
+    losses = {}
+    for fused in ("false", "true"):
+        base, tok = build_model(
+            ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
+        )
+        lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False)
+        cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=1, eval_strategy="no")
+        cfg.packing, cfg.pack_tokens, cfg.fused_lm_head, cfg.save_steps = True, 0, fused, 100
+        losses[fused] = fit(cfg, lm, tok, rows, [], tmp_path / fused)["train_loss_avg"]
+        assert set(seen) == {fused == "true"}
+        seen.clear()
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
 
 
 def test_compile_needs_decoder_layers():
