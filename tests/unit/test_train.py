@@ -54,10 +54,12 @@ def test_completion_loss_matches_full_logits_loss(tiny):
     assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("packed", [False, True])
-def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed):
+def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed, device):
     """train.fused_lm_head: TRL's chunked head (as its SFTTrainer installs it) gives the loss and
-    LoRA gradients of the logits path, for padded batches and packed rows."""
+    LoRA gradients of the logits path, for padded batches and packed rows (on CUDA: its Triton
+    path, labelled positions only, and the varlen attention kernel)."""
     import copy
 
     from trl.trainer.utils import add_fused_lm_head
@@ -66,18 +68,19 @@ def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed):
 
     base = copy.deepcopy(tiny[0])
     add_fused_lm_head(base)
-    lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False)
+    lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False).to(device)
     torch.manual_seed(0)
     rows = []
     for n_prompt, n_completion in [(30, 5), (12, 9), (20, 1)]:
         ids = torch.randint(4, 1000, (n_prompt + n_completion,)).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
     batch = collate_packed(rows, 0) if packed else collate(rows, pad_token_id=0)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     results = {}
     for fused in (False, True):
         lm.zero_grad()
         with attention(lm, packed):
-            loss, _ = completion_loss(lm, batch, num_items=torch.tensor(20), fused=fused)
+            loss, _ = completion_loss(lm, batch, torch.tensor(20, device=device), fused)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
         results[fused] = (loss.item(), grads)
