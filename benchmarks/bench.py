@@ -13,11 +13,11 @@ of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
                 Liger kernels
   c. ours       summarizer.train.fit as the GPU presets run it: examples packed into rows of
                 batch x max length tokens (ours_batch: the plain run's batches of 8, each packed;
-                ours_ckpt: with gradient checkpointing, for the memory it saves; not run by
-                default: ours_compile, with train.compile; ours_logits, the loss from logits at
-                supervised positions instead of TRL's chunked LM head), FlashAttention varlen kernel
-                (summarizer/packing.py), the loss through TRL's chunked LM head at supervised
-                positions only, no gradient checkpointing, fused AdamW
+                ours_ckpt: with gradient checkpointing and the loss through TRL's chunked LM head,
+                for the memory they save; not run by default: ours_compile, with train.compile;
+                ours_fused, the chunked head without checkpointing), FlashAttention varlen kernel
+                (summarizer/packing.py), the LM head only at supervised positions, no gradient
+                checkpointing, fused AdamW
 
 and records non-padding tokens/s, s/step, peak GPU memory, the fraction of a step the GPU is busy
 (torch profiler over a few steps), and the held-out loss after one pass over the same rows. Then it
@@ -304,7 +304,7 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         trainer = trl_trainer(variant, base, tokenizer, train_rows, args, out, meter)
         trainer.train()
         lm = trainer.model
-    elif variant in ("ours", "ours_batch", "ours_ckpt", "ours_compile", "ours_logits"):
+    elif variant in ("ours", "ours_batch", "ours_ckpt", "ours_compile", "ours_fused"):
         from summarizer import model as summarizer_model
         from summarizer import train
 
@@ -316,8 +316,8 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
             cfg.gradient_checkpointing = True
         # train.compile: each decoder layer compiled (the warm-up steps pay the compile)
         cfg.compile = variant == "ours_compile"
-        if variant == "ours_logits":  # (N x vocabulary) logits at the supervised positions
-            cfg.fused_lm_head = "false"
+        if variant == "ours_fused":  # TRL's chunked LM head without checkpointing
+            cfg.fused_lm_head = "true"
         lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing, cfg.upcast_frozen)
         rows = [to_labels(r) for r in train_rows]
         train.fit(cfg, lm, tokenizer, rows, [], out, [meter])

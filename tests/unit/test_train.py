@@ -97,7 +97,8 @@ def test_fused_lm_head_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not use_fused_head(TrainConfig())  # auto: CUDA only
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert use_fused_head(TrainConfig())
+    assert use_fused_head(TrainConfig(gradient_checkpointing=True))  # memory is what it buys
+    assert not use_fused_head(TrainConfig(gradient_checkpointing=False))  # speed: logits
     with pytest.raises(UserError, match="train.fused_lm_head='yes': expected auto, true or false"):
         use_fused_head(TrainConfig(fused_lm_head="yes"))
 
