@@ -269,6 +269,16 @@ SETTING_CASES = {
         ["train.liger=true needs a CUDA GPU and the liger-kernel package"],
         None,
     ),
+    "liger-with-compile": (
+        ["train.liger=true", "train.compile=true"],
+        ["train.liger=true and train.compile=true do not combine"],
+        None,
+    ),
+    "fused-head-bad-value": (
+        ["train.fused_lm_head=yes"],
+        ["train.fused_lm_head='yes': expected auto, true or false"],
+        None,
+    ),
     "static-decode-bad-value": (
         ["generate.static_decode=fast"],
         ["generate.static_decode='fast': expected auto, true or false"],
