@@ -15,7 +15,8 @@ of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
                 batch x max length tokens (ours_batch: the plain run's batches of 8, each packed;
                 ours_ckpt: with gradient checkpointing and the loss through TRL's chunked LM head,
                 for the memory they save; not run by default: ours_compile, with train.compile;
-                ours_fused, the chunked head without checkpointing), FlashAttention varlen kernel
+                ours_fused, the chunked head without checkpointing; ours_lean / ours_ckpt_lean,
+                ours / ours_ckpt with train.lora_dropout_recompute), FlashAttention varlen kernel
                 (summarizer/packing.py), the LM head only at supervised positions, no gradient
                 checkpointing, fused AdamW
 
@@ -304,7 +305,15 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         trainer = trl_trainer(variant, base, tokenizer, train_rows, args, out, meter)
         trainer.train()
         lm = trainer.model
-    elif variant in ("ours", "ours_batch", "ours_ckpt", "ours_compile", "ours_fused"):
+    elif variant in (
+        "ours",
+        "ours_batch",
+        "ours_ckpt",
+        "ours_compile",
+        "ours_fused",
+        "ours_lean",
+        "ours_ckpt_lean",
+    ):
         from summarizer import model as summarizer_model
         from summarizer import train
 
@@ -312,12 +321,17 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         cfg = ours_train_config(args)
         if variant == "ours_batch":  # the plain run's batches (8 examples a step), packed
             cfg.pack_tokens = 0
-        if args.grad_ckpt or variant == "ours_ckpt":  # memory for speed (SOLAR-10.7B at 2048)
+        if args.grad_ckpt or variant in (
+            "ours_ckpt",
+            "ours_ckpt_lean",
+        ):  # memory for speed (SOLAR-10.7B at 2048)
             cfg.gradient_checkpointing = True
         # train.compile: each decoder layer compiled (the warm-up steps pay the compile)
         cfg.compile = variant == "ours_compile"
         if variant == "ours_fused":  # TRL's chunked LM head without checkpointing
             cfg.fused_lm_head = "true"
+        # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
+        cfg.lora_dropout_recompute = variant.endswith("_lean")
         lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing, cfg.upcast_frozen)
         rows = [to_labels(r) for r in train_rows]
         train.fit(cfg, lm, tokenizer, rows, [], out, [meter])

@@ -19,7 +19,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from summarizer import distributed, packing
+from summarizer import distributed, lean_lora, packing
 from summarizer.config import TrainConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
@@ -464,7 +464,11 @@ def fit(
         log.info("resuming from %s (step %d)", resume, start_step)
     start = time.perf_counter()
     # compiled after the Trainer patched Liger's modules in (so they are compiled too); training only
-    with packing.attention(model, cfg.packing), compiled_layers(model, cfg.compile):
+    with (
+        packing.attention(model, cfg.packing),
+        lean_lora.dropout_recompute(model, cfg.lora_dropout_recompute),
+        compiled_layers(model, cfg.compile),
+    ):
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
