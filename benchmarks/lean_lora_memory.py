@@ -33,13 +33,14 @@ SHAPES = {  # a Llama layer of these sizes: hidden, intermediate, heads, kv head
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def saved_bytes(shape: str, tokens: int, dropout: float, lean: bool) -> int:
+def saved_bytes(sizes: tuple[int, int, int, int], tokens: int, dropout: float, lean: bool) -> int:
+    """Bytes autograd saves for one layer's backward; sizes: hidden, intermediate, heads, kv."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from summarizer.lean_lora import dropout_recompute
 
-    hidden, inter, heads, kv = SHAPES[shape]
+    hidden, inter, heads, kv = sizes
     cfg = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
@@ -83,10 +84,11 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--out", type=Path, help="folder for <shape>.json")
     args = ap.parse_args()
+    sizes = SHAPES[args.shape]
     rows = {
-        "peft, dropout": saved_bytes(args.shape, args.tokens, args.dropout, lean=False),
-        "lora_dropout_recompute": saved_bytes(args.shape, args.tokens, args.dropout, lean=True),
-        "peft, no dropout": saved_bytes(args.shape, args.tokens, 0.0, lean=False),
+        "peft, dropout": saved_bytes(sizes, args.tokens, args.dropout, lean=False),
+        "lora_dropout_recompute": saved_bytes(sizes, args.tokens, args.dropout, lean=True),
+        "peft, no dropout": saved_bytes(sizes, args.tokens, 0.0, lean=False),
     }
     hidden, inter, _, _ = SHAPES[args.shape]
     masked = args.tokens * (6 * hidden + inter)  # q, k, v, o, gate, up read hidden; down inter
