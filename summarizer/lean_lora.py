@@ -38,7 +38,8 @@ class _DropoutLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, p: float, scaling: float, seed: int, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):
-            xd = x.to(dtype) * _keep(x.to(dtype), p, seed)
+            xt = x.to(dtype)
+            xd = xt * _keep(xt, p, seed)
             h = xd @ a.to(dtype).t()
             out = (h @ b.to(dtype).t()) * scaling
         ctx.save_for_backward(x, a, b, h)
@@ -51,10 +52,11 @@ class _DropoutLoRA(torch.autograd.Function):
         dtype = ctx.dtype
         with torch.autocast(x.device.type, enabled=False):
             g = grad.to(dtype) * ctx.scaling
-            keep = _keep(x.to(dtype), ctx.p, ctx.seed)
+            xt = x.to(dtype)
+            keep = _keep(xt, ctx.p, ctx.seed)
             gh = g @ b.to(dtype)
             grad_b = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-            xd = x.to(dtype) * keep
+            xd = xt * keep
             grad_a = gh.reshape(-1, gh.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
             grad_x = (gh @ a.to(dtype)) * keep
         return grad_x.to(x.dtype), grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None, None

@@ -463,7 +463,7 @@ def fit(
         trainer.loss_before = loss_sum or 0.0
         log.info("resuming from %s (step %d)", resume, start_step)
     start = time.perf_counter()
-    # compiled after the Trainer patched Liger's modules in (so they are compiled too); training only
+    # while the Trainer runs (its evaluations included); each is undone on the way out
     with (
         packing.attention(model, cfg.packing),
         lean_lora.dropout_recompute(model, cfg.lora_dropout_recompute),
