@@ -108,6 +108,17 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
+# The project's variants: what each changes in train=gpu_fast's settings.
+OURS = {
+    "ours": {},
+    "ours_batch": {"pack_tokens": 0},  # the plain run's batches (8 examples a step), packed
+    "ours_ckpt": {"gradient_checkpointing": True},  # + the chunked LM head (fused_lm_head=auto)
+    "ours_compile": {"compile": True},  # each decoder layer compiled; the warm-up steps pay it
+    "ours_fused": {"fused_lm_head": "true"},  # TRL's chunked LM head without checkpointing
+    # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
+    "ours_lean": {"lora_dropout_recompute": True},
+    "ours_ckpt_lean": {"gradient_checkpointing": True, "lora_dropout_recompute": True},
+}
 FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, eos=1, bos=2)
 
 
@@ -305,33 +316,16 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         trainer = trl_trainer(variant, base, tokenizer, train_rows, args, out, meter)
         trainer.train()
         lm = trainer.model
-    elif variant in (
-        "ours",
-        "ours_batch",
-        "ours_ckpt",
-        "ours_compile",
-        "ours_fused",
-        "ours_lean",
-        "ours_ckpt_lean",
-    ):
+    elif variant in OURS:
         from summarizer import model as summarizer_model
         from summarizer import train
 
         lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=list(SEVEN))
         cfg = ours_train_config(args)
-        if variant == "ours_batch":  # the plain run's batches (8 examples a step), packed
-            cfg.pack_tokens = 0
-        if args.grad_ckpt or variant in (
-            "ours_ckpt",
-            "ours_ckpt_lean",
-        ):  # memory for speed (SOLAR-10.7B at 2048)
+        for key, value in OURS[variant].items():
+            setattr(cfg, key, value)
+        if args.grad_ckpt:  # memory for speed (SOLAR-10.7B at 2048)
             cfg.gradient_checkpointing = True
-        # train.compile: each decoder layer compiled (the warm-up steps pay the compile)
-        cfg.compile = variant == "ours_compile"
-        if variant == "ours_fused":  # TRL's chunked LM head without checkpointing
-            cfg.fused_lm_head = "true"
-        # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
-        cfg.lora_dropout_recompute = variant.endswith("_lean")
         lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing, cfg.upcast_frozen)
         rows = [to_labels(r) for r in train_rows]
         train.fit(cfg, lm, tokenizer, rows, [], out, [meter])
