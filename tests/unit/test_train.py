@@ -25,6 +25,19 @@ ROWS = [
 ]
 
 
+def _rows(lengths: list[tuple[int, int]], seed: int, vocab: tuple[int, int]) -> list[dict]:
+    """Random (prompt, completion) rows of these lengths, the completion supervised."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n_prompt, n_completion in lengths:
+        ids = torch.randint(*vocab, (n_prompt + n_completion,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    return rows
+
+
+COMPLETIONS = [(30, 5), (12, 9), (20, 1)]  # completion_loss's rows: prompts and completions vary
+
+
 def test_collate_left_pads_with_real_positions():
     b = collate(ROWS, pad_token_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [0, 0, 5, 6, 7]]
@@ -35,12 +48,7 @@ def test_collate_left_pads_with_real_positions():
 
 def test_completion_loss_matches_full_logits_loss(tiny):
     model, _ = tiny
-    torch.manual_seed(0)
-    rows = []
-    for n_prompt, n_completion in [(30, 5), (12, 9), (20, 1)]:
-        ids = torch.randint(4, 1000, (n_prompt + n_completion,)).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
-    batch = collate(rows, pad_token_id=0)
+    batch = collate(_rows(COMPLETIONS, 0, (4, 1000)), pad_token_id=0)
     with torch.no_grad():
         fast, out = completion_loss(model, batch)
         full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -69,11 +77,7 @@ def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed, de
     base = copy.deepcopy(tiny[0])
     add_fused_lm_head(base)
     lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False).to(device)
-    torch.manual_seed(0)
-    rows = []
-    for n_prompt, n_completion in [(30, 5), (12, 9), (20, 1)]:
-        ids = torch.randint(4, 1000, (n_prompt + n_completion,)).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    rows = _rows(COMPLETIONS, 0, (4, 1000))
     batch = collate_packed(rows, 0) if packed else collate(rows, pad_token_id=0)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     results = {}
@@ -221,11 +225,7 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
     from summarizer.model import build_model
     from summarizer.train import fit
 
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for n in (40, 64, 33, 57, 48, 61, 29, 52):
-        ids = torch.randint(5, 500, (n,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - 8) + ids[-8:]})
+    rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 0, (5, 500))
     figures = {}
     for compiled in (False, True):
         base, tok = build_model(
@@ -273,11 +273,7 @@ def test_fit_with_the_fused_lm_head_trains_as_without(tmp_path, cache_dir, monke
 
     monkeypatch.setattr(train_mod, "completion_loss", spy)
 
-    gen = torch.Generator().manual_seed(1)
-    rows = []
-    for n in (40, 64, 33, 57, 48, 61):
-        ids = torch.randint(5, 500, (n,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - 8) + ids[-8:]})
+    rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61)], 1, (5, 500))
     losses = {}
     for fused in ("false", "true"):
         base, tok = build_model(
