@@ -59,6 +59,7 @@ def run(cfg: DictConfig) -> float:
     if cfg.stages.train:
         train.use_liger(cfg.train)
         train.use_fused_head(cfg.train)
+        train.use_cuda_graph(cfg.train)
     examples = data.load(cfg.data)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")

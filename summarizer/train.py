@@ -19,7 +19,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from summarizer import distributed, lean_lora, packing
+from summarizer import distributed, graph_step, lean_lora, packing
 from summarizer.config import TrainConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
@@ -64,6 +64,8 @@ def completion_loss(
     (`add_fused_lm_head`): log-probabilities in vocabulary tiles, recomputed in the backward, so no
     (tokens x vocabulary) logits, their fp32 copy or their gradient are ever held.
     """
+    if graph_step.POSITIONS in batch:  # a static row (train.cuda_graph): fixed loss positions
+        return graph_step.static_loss(model, batch, num_items)
     # skip_logits: the Trainer's evaluation adds it when Liger is on; this loss needs the logits
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens", "skip_logits")}
     labels = batch["labels"]
@@ -113,6 +115,7 @@ class CompletionOnlyTrainer(SFTTrainer):
     tokens_seen = 0  # non-padding training tokens, for tokens/s
     fused_lm_head = False  # the loss through TRL's chunked LM head (train.fused_lm_head)
     loss_before = 0.0  # train-loss sum of the steps before the checkpoint this call resumed from
+    graph_step: graph_step.GraphStep | None = None  # train.cuda_graph: forward + backward replayed
 
     def _save_checkpoint(self, model, trial):
         folder = Path(
@@ -128,6 +131,20 @@ class CompletionOnlyTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()  # DDP: every rank's rng_state_N.pth is in, then hash
         if self.args.should_save:
             write_manifest(folder)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """HF's step (forward, backward), or its CUDA-graph replay; the Trainer still clips the
+        gradients, steps the optimizer and the LR schedule, and zeroes the gradients."""
+        if self.graph_step is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self.tokens_seen += int(inputs["num_tokens"])
+        if num_items_in_batch is None:  # per-row mean, averaged over the accumulated rows
+            targets = inputs[graph_step.TARGETS] != IGNORE_INDEX
+            num_items_in_batch = targets.sum() * self.current_gradient_accumulation_steps
+        with self.compute_loss_context_manager():
+            return self.graph_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = completion_loss(model, inputs, num_items_in_batch, self.fused_lm_head)
@@ -322,6 +339,43 @@ def use_fused_head(cfg: TrainConfig) -> bool:
     return choice == "true"
 
 
+def use_cuda_graph(cfg: TrainConfig) -> bool:
+    """train.cuda_graph: auto = on where the graph applies (below); true insists, naming what is in
+    the way. A graph replays fixed shapes and fixed memory with no host work, so it needs packed
+    bins (one static row shape), a CUDA GPU and one process, and excludes what varies per step on
+    the host or is unverified under capture."""
+    choice = str(cfg.cuda_graph).lower()
+    if choice not in ("auto", "true", "false"):
+        raise UserError(f"train.cuda_graph={cfg.cuda_graph!r}: expected auto, true or false")
+    if choice == "false":
+        return False
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    conflicts = [
+        (not torch.cuda.is_available(), "a CUDA GPU"),
+        (
+            not _packs_bins(cfg),
+            "train.packing=true with packed bins (train.pack_tokens null or > 0)",
+        ),
+        (
+            cfg.gradient_checkpointing,
+            "train.gradient_checkpointing=false (not verified in a graph)",
+        ),
+        (cfg.compile, "train.compile=false"),
+        # its seeds come from the host: a graph would replay the same masks every step
+        (cfg.lora_dropout_recompute, "train.lora_dropout_recompute=false"),
+        (str(cfg.fused_lm_head).lower() == "true", "train.fused_lm_head=auto or false"),
+        (
+            cfg.precision == "fp16" or (cfg.precision == "auto" and not bf16),
+            "train.precision bf16 or fp32 (fp16's loss scaling checks for inf on the host)",
+        ),
+        (distributed.world_size() > 1, "one process (not trainer=ddp)"),
+    ]
+    missing = [need for bad, need in conflicts if bad]
+    if choice == "true" and missing:
+        raise UserError(f"train.cuda_graph=true needs {missing[0]}; or set train.cuda_graph=auto")
+    return not missing
+
+
 def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
     on_gpu = torch.cuda.is_available()
     if cfg.lr <= 0:
@@ -414,20 +468,28 @@ def fit(
     `resume_from` (train.resume's checkpoint) wins over `cfg.resume_from`."""
 
     args = training_args(cfg, output_dir / "checkpoints")
+    graphed = use_cuda_graph(cfg)
     if _packs_bins(cfg):
         # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
         budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
-        train_ds = _packed_dataset(train_rows, budget)
-        eval_ds = _packed_dataset(eval_rows, budget) if eval_rows else None
+        train_bins, eval_bins = _bins(train_rows, budget), _bins(eval_rows, budget)
+        train_ds = _packed_dataset(train_bins)
+        eval_ds = _packed_dataset(eval_bins) if eval_rows else None
         log.info(
             "packing: %d training rows into %d rows of <= %d tokens",
             len(train_rows),
             len(train_ds),
             budget,
         )
+        shape = None
+        if graphed:  # every row in one static shape, as the graph replays it
+            shape = graph_step.plan(train_bins + eval_bins, budget, cfg.max_length)
+            log.info("train.cuda_graph: rows of %s", shape)
 
         def collator(items):
             rows = [r for item in items for r in _unbin(item)]
+            if shape is not None:
+                return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
             return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
     else:
         train_ds = _dataset(train_rows)
@@ -453,6 +515,7 @@ def fit(
         callbacks=extra,
     )
     trainer.fused_lm_head = use_fused_head(cfg)
+    trainer.graph_step = graph_step.GraphStep() if graphed else None
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
     if not resume and cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from)
@@ -528,14 +591,19 @@ def _dataset(rows: list[dict]):
     return Dataset.from_dict({c: [r[c] for r in rows] for c in ("input_ids", "labels")})
 
 
-def _packed_dataset(rows: list[dict], budget: int):
+def _bins(rows: list[dict], budget: int) -> list[list[dict]]:
+    return [
+        [rows[i] for i in b] for b in packing.pack_bfd([len(r["input_ids"]) for r in rows], budget)
+    ]
+
+
+def _packed_dataset(bins: list[list[dict]]):
     from datasets import Dataset
 
-    bins = packing.pack_bfd([len(r["input_ids"]) for r in rows], budget)
     return Dataset.from_dict(
         {
-            "input_ids": [[rows[i]["input_ids"] for i in b] for b in bins],
-            "labels": [[rows[i]["labels"] for i in b] for b in bins],
+            "input_ids": [[r["input_ids"] for r in b] for b in bins],
+            "labels": [[r["labels"] for r in b] for b in bins],
         }
     )
 
