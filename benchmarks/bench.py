@@ -16,7 +16,9 @@ of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
                 ours_ckpt: with gradient checkpointing and the loss through TRL's chunked LM head,
                 for the memory they save; not run by default: ours_compile, with train.compile;
                 ours_fused, the chunked head without checkpointing; ours_lean / ours_ckpt_lean,
-                ours / ours_ckpt with train.lora_dropout_recompute), FlashAttention varlen kernel
+                ours / ours_ckpt with train.lora_dropout_recompute; ours_eager: ours without
+                the CUDA graph), each step's forward + backward replayed as one CUDA graph
+                (summarizer/graph_step.py), FlashAttention varlen kernel
                 (summarizer/packing.py), the LM head only at supervised positions, no gradient
                 checkpointing, fused AdamW
 
@@ -118,6 +120,8 @@ OURS = {
     # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
     "ours_lean": {"lora_dropout_recompute": True},
     "ours_ckpt_lean": {"gradient_checkpointing": True, "lora_dropout_recompute": True},
+    # ours without the CUDA-graph step (train.cuda_graph=auto in gpu_fast; summarizer/graph_step)
+    "ours_eager": {"cuda_graph": "false"},
 }
 FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, eos=1, bos=2)
 
@@ -125,7 +129,7 @@ FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, 
 def main() -> None:
     ap = argparse.ArgumentParser(description="training + generation speed benchmark")
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
-    ap.add_argument("--variants", default="trl_plain,trl_best,ours_batch,ours_ckpt,ours")
+    ap.add_argument("--variants", default="trl_plain,trl_best,ours_batch,ours_ckpt,ours_eager,ours")
     ap.add_argument("--train-rows", type=int, default=320)
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--gen-rows", type=int, default=0, help="prompts to generate for (0: all)")

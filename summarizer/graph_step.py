@@ -144,6 +144,15 @@ class GraphStep:
         self.graph.replay()
         return self.loss.clone()
 
+    def close(self) -> None:
+        """Free the graph, its memory pool and the fixed gradients (generation needs the room)."""
+        for p, g in zip(self.params, self.grads):
+            if p.grad is g:
+                p.grad = None
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.static, self.loss, self.params, self.grads = None, {}, None, [], []
+
     def _capture(self, model, batch: dict) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.static = {k: batch[k].clone() for k in INPUTS}

@@ -535,6 +535,8 @@ def fit(
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
+    if trainer.graph_step is not None:
+        trainer.graph_step.close()
     # Mixed precision: accelerate wrapped model.forward in autocast; unwrap it so generation runs
     # in the model's own dtype, as `predict` later does (a static KV cache also needs one dtype).
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)

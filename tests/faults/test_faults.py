@@ -279,6 +279,16 @@ SETTING_CASES = {
         ["train.fused_lm_head='yes': expected auto, true or false"],
         None,
     ),
+    "cuda-graph-without-gpu": (
+        ["train.cuda_graph=true"],
+        ["train.cuda_graph=true needs a CUDA GPU; or set train.cuda_graph=auto"],
+        None,
+    ),
+    "cuda-graph-bad-value": (
+        ["train.cuda_graph=always"],
+        ["train.cuda_graph='always': expected auto, true or false"],
+        None,
+    ),
     "static-decode-bad-value": (
         ["generate.static_decode=fast"],
         ["generate.static_decode='fast': expected auto, true or false"],
@@ -330,7 +340,9 @@ SETTING_CASES = {
 @pytest.mark.parametrize("name", list(SETTING_CASES))
 def test_bad_setting(world, name, monkeypatch):
     overrides, expected, setup = SETTING_CASES[name]
-    if name in ("gpu-preset-on-cpu", "liger-without-gpu") and torch.cuda.is_available():
+    if name in ("gpu-preset-on-cpu", "liger-without-gpu", "cuda-graph-without-gpu") and (
+        torch.cuda.is_available()
+    ):
         pytest.skip("a GPU is present")
     if setup:
         setup(monkeypatch)

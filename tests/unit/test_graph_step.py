@@ -197,6 +197,8 @@ def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir):
             lr=5e-3,  # the LoRA weights move enough that a graph blind to them would show
         )
         figures[graphed] = fit(cfg, lm, tok, rows, [], tmp_path / graphed)
+        # the graph's fixed gradients are let go (and with them its memory pool)
+        assert all(p.grad is None for p in lm.parameters() if p.requires_grad)
         ids = torch.tensor([rows[0]["input_ids"][:20]], device="cuda")
         assert lm.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] == 23
     assert figures["true"]["train_steps"] == figures["false"]["train_steps"] == 4
