@@ -6,7 +6,8 @@ work: Python in bitsandbytes, peft and the kernel launchers, per layer (RESULTS.
 alone. A graph replays fixed shapes and fixed memory, so each packed row here has one static form:
 
 - `plan`: from all bins before training, the row width W (the pack budget plus a small reserve),
-  the number K of sequences per row, and the number S of supervised positions per row.
+  the number K of sequences per row, and the number S of supervised positions per row
+  (`plan_batches` for train.pack_tokens=0: any batch of batch_size rows, from the longest rows).
 - `collate_static`: a bin -> exactly W tokens split into exactly K sequences (the examples, then
   the fill split into 1..max_length-token sequences of pad tokens, masked out of the loss), and the
   S positions whose next token is supervised (the rest point at position 0 with no target). Same
@@ -40,19 +41,43 @@ class Shape:
 
 
 def plan(bins: list[list[dict]], budget: int, max_length: int, multiple: int = 64) -> Shape:
-    """One static shape that every bin fits: K sequences of at most max_length tokens in W tokens.
-    The fill (W - real tokens >= K - rows) gives each padding sequence at least one token."""
-    rows = max((len(b) for b in bins), default=1)
-    longest = max((len(r["input_ids"]) for b in bins for r in b), default=1)
+    """One static shape that every bin (a packed row's examples) fits."""
+    return _shape(
+        rows=max((len(b) for b in bins), default=1),
+        tokens=max([budget] + [sum(len(r["input_ids"]) for r in b) for b in bins]),
+        supervised=max((_supervised(b) for b in bins), default=1),
+        longest=max((len(r["input_ids"]) for b in bins for r in b), default=1),
+        max_length=max_length,
+        multiple=multiple,
+    )
+
+
+def plan_batches(rows: list[dict], batch_size: int, max_length: int, multiple: int = 64) -> Shape:
+    """One static shape that any batch of `batch_size` rows fits (train.pack_tokens=0: the
+    sampler's batches are not known in advance): the longest rows' tokens, the most targets."""
+    lengths = sorted((len(r["input_ids"]) for r in rows), reverse=True)[:batch_size]
+    targets = sorted((_supervised([r]) for r in rows), reverse=True)[:batch_size]
+    return _shape(
+        rows=min(batch_size, max(len(rows), 1)),
+        tokens=sum(lengths) or 1,
+        supervised=sum(targets),
+        longest=max(lengths, default=1),
+        max_length=max_length,
+        multiple=multiple,
+    )
+
+
+def _shape(rows, tokens, supervised, longest, max_length, multiple) -> Shape:
+    """K sequences of at most max_length tokens in W tokens: the fill (W - real tokens >= K - rows)
+    gives each padding sequence at least one token."""
     max_length = max(max_length, longest)
-    sequences = rows + math.ceil(budget / max_length) + 1
-    while True:  # W holds a token per sequence beyond the budget; K covers W's fill in pieces
-        width = -(-(budget + sequences) // multiple) * multiple
+    sequences = rows + math.ceil(tokens / max_length) + 1
+    while True:  # W holds a token per sequence beyond the tokens; K covers W's fill in pieces
+        width = -(-(tokens + sequences) // multiple) * multiple
         need = rows + math.ceil(width / max_length) + 1
         if need <= sequences:
             break
         sequences = need
-    supervised = max((_supervised(b) for b in bins), default=1)
     supervised = -(-max(supervised, 1) // multiple) * multiple
     return Shape(width, sequences, supervised, max_length)
 

@@ -352,10 +352,7 @@ def use_cuda_graph(cfg: TrainConfig) -> bool:
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     conflicts = [
         (not torch.cuda.is_available(), "a CUDA GPU"),
-        (
-            not _packs_bins(cfg),
-            "train.packing=true with packed bins (train.pack_tokens null or > 0)",
-        ),
+        (not cfg.packing, "train.packing=true (packed rows)"),
         (
             cfg.gradient_checkpointing,
             "train.gradient_checkpointing=false (not verified in a graph)",
@@ -494,8 +491,15 @@ def fit(
     else:
         train_ds = _dataset(train_rows)
         eval_ds = _dataset(eval_rows) if eval_rows else None
+        shape = None
+        if graphed:  # any batch fits one static shape (the sampler's batches are not known yet)
+            most = max(cfg.batch_size, cfg.eval_batch_size if eval_rows else 0)
+            shape = graph_step.plan_batches(train_rows + eval_rows, most, cfg.max_length)
+            log.info("train.cuda_graph: rows of %s", shape)
 
         def collator(rows):
+            if shape is not None:
+                return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
             if cfg.packing:  # pack_tokens=0: the padded path's batches, each packed into one row
                 return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
             return collate(rows, tokenizer.pad_token_id)

@@ -58,6 +58,21 @@ def test_every_bin_becomes_a_row_of_the_one_static_shape():
         assert int(real.sum()) == int((batch["labels"] != IGNORE_INDEX).sum())
 
 
+def test_any_batch_fits_the_shape_planned_from_the_longest_rows():
+    """train.pack_tokens=0: the sampler's batches are unknown before training, so the shape is
+    planned for the worst batch (the longest rows, the most targets), and every batch fits it."""
+    rnd = torch.Generator().manual_seed(4)
+    lengths = [(int(p), int(c)) for p, c in torch.randint(1, 90, (40, 2), generator=rnd)]
+    rows = _rows(lengths, seed=4)
+    shape = graph_step.plan_batches(rows, 4, max_length=128, multiple=16)
+    longest = sorted(rows, key=lambda r: -len(r["input_ids"]))[:4]
+    most = sorted(rows, key=lambda r: -sum(t != IGNORE_INDEX for t in r["labels"][1:]))[:4]
+    for batch in [longest, most] + [rows[i : i + 4] for i in range(0, 40, 4)]:
+        b = graph_step.collate_static(batch, 0, shape)
+        assert b["input_ids"].shape == (1, shape.width)
+        assert b["num_tokens"] == sum(len(r["input_ids"]) for r in batch)
+
+
 def test_a_bin_larger_than_the_plan_is_refused():
     rows = _rows([(10, 5), (10, 5)])
     shape = graph_step.plan([rows[:1]], 16, max_length=16, multiple=1)
@@ -94,9 +109,9 @@ def test_cuda_graph_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert use_cuda_graph(TrainConfig(cuda_graph="auto", **packed))
     assert use_cuda_graph(TrainConfig(cuda_graph="true", **packed))
+    assert use_cuda_graph(TrainConfig(cuda_graph="auto", pack_tokens=0, **packed))  # any batch
     for change, need in [
         ({"packing": False}, "train.packing=true"),
-        ({"pack_tokens": 0}, "train.packing=true"),
         ({"gradient_checkpointing": True}, "train.gradient_checkpointing=false"),
         ({"compile": True}, "train.compile=false"),
         ({"lora_dropout_recompute": True}, "train.lora_dropout_recompute=false"),
@@ -167,7 +182,8 @@ def test_graph_replays_the_eager_steps(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir):
+@pytest.mark.parametrize("pack_tokens", [None, 0])
+def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir, pack_tokens):
     """train.cuda_graph=true through the Trainer (its optimizer, clipping, schedule): the same
     steps and losses as train.cuda_graph=false, and generation works afterwards."""
     from summarizer.config import ModelConfig, QuantConfig
@@ -190,6 +206,7 @@ def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir):
             save_steps=100,
             logging_steps=1,
             packing=True,
+            pack_tokens=pack_tokens,  # 0: the sampler's batches of 2, each packed
             gradient_checkpointing=False,
             optim="adamw_torch_fused",
             cuda_graph=graphed,
