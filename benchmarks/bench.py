@@ -115,6 +115,8 @@ OURS = {
     "ours": {},
     "ours_batch": {"pack_tokens": 0},  # the plain run's batches (8 examples a step), packed
     "ours_batch_eager": {"pack_tokens": 0, "cuda_graph": "false"},
+    # the plain run's batches with checkpointing (and the chunked LM head): the memory-saving one
+    "ours_batch_ckpt": {"pack_tokens": 0, "gradient_checkpointing": True},
     "ours_ckpt": {"gradient_checkpointing": True},  # + the chunked LM head (fused_lm_head=auto)
     "ours_compile": {"compile": True},  # each decoder layer compiled; the warm-up steps pay it
     "ours_fused": {"fused_lm_head": "true"},  # TRL's chunked LM head without checkpointing
