@@ -141,6 +141,10 @@ def static_loss(model, batch: dict, num_items: torch.Tensor | int | None):
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
 
 
+class CaptureError(RuntimeError):
+    """The step could not be captured (an op that syncs with the host or changes shape)."""
+
+
 class GraphStep:
     """Forward + backward of `static_loss` as one CUDA graph, adding into fixed gradient tensors.
     Call it where the Trainer calls its forward + backward; it returns the (detached) loss."""
@@ -208,8 +212,16 @@ class GraphStep:
         # warm-up's bf16 copies and never see the weights change: drop them, cast inside the graph.
         torch.clear_autocast_cache()
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread may call CUDA while this captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            # detached: a live autograd graph would keep the captured AccumulateGrad nodes, and
-            # later eager backwards (evaluation, other code) would sync with the capture stream
-            self.loss = step().detach()
+        try:
+            # thread_local: the DataLoader's pin-memory thread may call CUDA while this captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                # detached: a live autograd graph would keep the captured AccumulateGrad nodes,
+                # and later eager backwards (evaluation, other code) would sync with the capture
+                self.loss = step().detach()
+        except RuntimeError as err:  # e.g. a model whose forward reads a value on the host
+            self.graph = None  # the failed capture has nothing to reset
+            self.close()
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CaptureError(
+                f"the training step cannot be captured as a CUDA graph: {cause}"
+            ) from err

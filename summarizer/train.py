@@ -116,6 +116,7 @@ class CompletionOnlyTrainer(SFTTrainer):
     fused_lm_head = False  # the loss through TRL's chunked LM head (train.fused_lm_head)
     loss_before = 0.0  # train-loss sum of the steps before the checkpoint this call resumed from
     graph_step: graph_step.GraphStep | None = None  # train.cuda_graph: forward + backward replayed
+    graph_required = False  # train.cuda_graph=true: a step that cannot be captured is an error
 
     def _save_checkpoint(self, model, trial):
         folder = Path(
@@ -139,12 +140,21 @@ class CompletionOnlyTrainer(SFTTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self.tokens_seen += int(inputs["num_tokens"])
-        if num_items_in_batch is None:  # per-row mean, averaged over the accumulated rows
+        count = num_items_in_batch
+        if count is None:  # per-row mean, averaged over the accumulated rows
             targets = inputs[graph_step.TARGETS] != IGNORE_INDEX
-            num_items_in_batch = targets.sum() * self.current_gradient_accumulation_steps
-        with self.compute_loss_context_manager():
-            return self.graph_step(model, inputs, num_items_in_batch)
+            count = targets.sum() * self.current_gradient_accumulation_steps
+        try:
+            with self.compute_loss_context_manager():
+                loss = self.graph_step(model, inputs, count)
+        except graph_step.CaptureError as err:
+            if self.graph_required:
+                raise UserError(f"train.cuda_graph=true: {err}; use auto or false") from err
+            log.warning("train.cuda_graph=auto: %s; training eagerly", err)
+            self.graph_step = None
+            return super().training_step(model, inputs, num_items_in_batch)
+        self.tokens_seen += int(inputs["num_tokens"])
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = completion_loss(model, inputs, num_items_in_batch, self.fused_lm_head)
@@ -520,6 +530,7 @@ def fit(
     )
     trainer.fused_lm_head = use_fused_head(cfg)
     trainer.graph_step = graph_step.GraphStep() if graphed else None
+    trainer.graph_required = str(cfg.cuda_graph).lower() == "true"
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
     if not resume and cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from)

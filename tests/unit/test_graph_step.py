@@ -222,3 +222,83 @@ def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir, pack_token
     assert figures["true"]["train_loss_avg"] == pytest.approx(
         figures["false"]["train_loss_avg"], rel=1e-3
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["auto", "true"])
+def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
+    tmp_path, cache_dir, monkeypatch, choice
+):
+    """auto: a model the graph cannot capture trains eagerly on the static rows, to the same loss
+    as a run without the graph; true: a one-line error naming the cause (CPU: a stand-in graph)."""
+    import summarizer.train as train_mod
+    from summarizer.config import ModelConfig, QuantConfig
+    from summarizer.model import build_model
+    from summarizer.train import fit
+
+    class Uncapturable:
+        def __call__(self, model, batch, num_items):
+            raise graph_step.CaptureError(
+                "the training step cannot be captured as a CUDA graph: operation not permitted"
+            )
+
+        def close(self):
+            raise AssertionError("a graph that was never captured has nothing to free")
+
+    rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 5)
+    losses = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(train_mod, "use_cuda_graph", lambda cfg, on=graphed: on)
+        monkeypatch.setattr(graph_step, "GraphStep", Uncapturable)
+        base, tok = build_model(
+            ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
+        )
+        lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False)
+        cfg = TrainConfig(
+            max_steps=3, batch_size=2, max_length=64, grad_accum=1, eval_strategy="no",
+            save_steps=100, packing=True, cuda_graph=choice, warmup_ratio=0.0,
+        )  # fmt: skip
+        if graphed and choice == "true":
+            with pytest.raises(UserError, match="train.cuda_graph=true: the training step cannot"):
+                fit(cfg, lm, tok, rows, [], tmp_path / "true")
+            return
+        figures = fit(cfg, lm, tok, rows, [], tmp_path / str(graphed))
+        assert figures["train_steps"] == 3 and figures["train_tokens_per_second"] > 0
+        losses[graphed] = figures["train_loss_avg"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_model_that_reads_values_on_the_host_falls_back_to_eager(tmp_path, cache_dir):
+    """A real capture failure (the LM head reads a value on the host, as data-dependent models
+    do): auto trains eagerly, true names the cause."""
+    from summarizer.config import ModelConfig, QuantConfig
+    from summarizer.model import build_model
+    from summarizer.train import fit
+
+    rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 6)
+    for choice in ("auto", "true"):
+        base, tok = build_model(
+            ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
+        )
+        head = base.lm_head
+        plain = head.forward
+
+        def syncing(x, plain=plain):
+            if not bool(torch.isfinite(x).all()):  # a host read: not allowed while capturing
+                raise AssertionError("non-finite hidden states")
+            return plain(x)
+
+        head.forward = syncing
+        lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False).cuda()
+        cfg = TrainConfig(
+            max_steps=3, batch_size=2, max_length=64, grad_accum=1, eval_strategy="no",
+            save_steps=100, packing=True, gradient_checkpointing=False,
+            optim="adamw_torch_fused", cuda_graph=choice,
+        )  # fmt: skip
+        if choice == "true":
+            with pytest.raises(UserError, match="cannot be captured as a CUDA graph"):
+                fit(cfg, lm, tok, rows, [], tmp_path / choice)
+        else:
+            assert fit(cfg, lm, tok, rows, [], tmp_path / choice)["train_steps"] == 3
