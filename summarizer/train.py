@@ -352,8 +352,8 @@ def use_fused_head(cfg: TrainConfig) -> bool:
 def use_cuda_graph(cfg: TrainConfig) -> bool:
     """train.cuda_graph: auto = on where the graph applies (below); true insists, naming what is in
     the way. A graph replays fixed shapes and fixed memory with no host work, so it needs packed
-    bins (one static row shape), a CUDA GPU and one process, and excludes what varies per step on
-    the host or is unverified under capture."""
+    rows (each padded to one static shape), a CUDA GPU and one process, and excludes what varies
+    per step on the host or is unverified under capture."""
     choice = str(cfg.cuda_graph).lower()
     if choice not in ("auto", "true", "false"):
         raise UserError(f"train.cuda_graph={cfg.cuda_graph!r}: expected auto, true or false")
