@@ -30,6 +30,20 @@ def _bins(rows, budget):
     return [[rows[i] for i in b] for b in pack_bfd([len(r["input_ids"]) for r in rows], budget)]
 
 
+def _fresh_tiny(cache_dir):
+    """(base model, tokenizer): a new tiny model each time (fit trains it in place)."""
+    from summarizer.config import ModelConfig, QuantConfig
+    from summarizer.model import build_model
+
+    return build_model(
+        ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
+    )
+
+
+def _lora(base):
+    return add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False)
+
+
 def test_every_bin_becomes_a_row_of_the_one_static_shape():
     rnd = torch.Generator().manual_seed(3)
     lengths = [(int(p), int(c)) for p, c in torch.randint(1, 60, (80, 2), generator=rnd)]
@@ -134,8 +148,7 @@ def test_graph_replays_the_eager_steps(tiny):
     kernel, bf16 autocast spanning the capture as the Trainer's does)."""
     from summarizer.packing import attention
 
-    lm = add_lora(copy.deepcopy(tiny[0]), LoraConfig(dropout=0.0), gradient_checkpointing=False)
-    lm = lm.cuda()
+    lm = _lora(copy.deepcopy(tiny[0])).cuda()
     rows = _rows([(n - 9, 9) for n in (40, 64, 33, 57, 48, 61, 29, 52, 44, 38)], seed=2)
     bins = _bins(rows, 128)
     shape = graph_step.plan(bins, 128, max_length=64)
@@ -186,17 +199,13 @@ def test_graph_replays_the_eager_steps(tiny):
 def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir, pack_tokens):
     """train.cuda_graph=true through the Trainer (its optimizer, clipping, schedule): the same
     steps and losses as train.cuda_graph=false, and generation works afterwards."""
-    from summarizer.config import ModelConfig, QuantConfig
-    from summarizer.model import build_model
     from summarizer.train import fit
 
     rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52, 44, 38, 50, 35)], 3)
     figures = {}
     for graphed in ("false", "true"):
-        base, tok = build_model(
-            ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
-        )
-        lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False).cuda()
+        base, tok = _fresh_tiny(cache_dir)
+        lm = _lora(base).cuda()
         cfg = TrainConfig(
             max_steps=4,
             batch_size=2,
@@ -232,8 +241,6 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
     """auto: a model the graph cannot capture trains eagerly on the static rows, to the same loss
     as a run without the graph; true: a one-line error naming the cause (CPU: a stand-in graph)."""
     import summarizer.train as train_mod
-    from summarizer.config import ModelConfig, QuantConfig
-    from summarizer.model import build_model
     from summarizer.train import fit
 
     class Uncapturable:
@@ -250,10 +257,8 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
     for graphed in (False, True):
         monkeypatch.setattr(train_mod, "use_cuda_graph", lambda cfg, on=graphed: on)
         monkeypatch.setattr(graph_step, "GraphStep", Uncapturable)
-        base, tok = build_model(
-            ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
-        )
-        lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False)
+        base, tok = _fresh_tiny(cache_dir)
+        lm = _lora(base)
         cfg = TrainConfig(
             max_steps=3, batch_size=2, max_length=64, grad_accum=1, eval_strategy="no",
             save_steps=100, packing=True, cuda_graph=choice, warmup_ratio=0.0,
@@ -273,15 +278,11 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
 def test_a_model_that_reads_values_on_the_host_falls_back_to_eager(tmp_path, cache_dir):
     """A real capture failure (the LM head reads a value on the host, as data-dependent models
     do): auto trains eagerly, true names the cause."""
-    from summarizer.config import ModelConfig, QuantConfig
-    from summarizer.model import build_model
     from summarizer.train import fit
 
     rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 6)
     for choice in ("auto", "true"):
-        base, tok = build_model(
-            ModelConfig(name="tiny", source="tiny", dtype="float32"), QuantConfig(), cache_dir
-        )
+        base, tok = _fresh_tiny(cache_dir)
         head = base.lm_head
         plain = head.forward
 
@@ -291,7 +292,7 @@ def test_a_model_that_reads_values_on_the_host_falls_back_to_eager(tmp_path, cac
             return plain(x)
 
         head.forward = syncing
-        lm = add_lora(base, LoraConfig(dropout=0.0), gradient_checkpointing=False).cuda()
+        lm = _lora(base).cuda()
         cfg = TrainConfig(
             max_steps=3, batch_size=2, max_length=64, grad_accum=1, eval_strategy="no",
             save_steps=100, packing=True, gradient_checkpointing=False,
