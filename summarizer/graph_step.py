@@ -92,32 +92,18 @@ def collate_static(rows: list[dict], pad_token_id: int, shape: Shape) -> dict:
     real = sum(len(r["input_ids"]) for r in rows)
     if real > shape.width - (shape.sequences - len(rows)) or len(rows) >= shape.sequences:
         raise ValueError(f"a bin of {len(rows)} rows, {real} tokens does not fit {shape}")
-    batch = packing.collate_packed(rows, pad_token_id)  # the examples, no fill
     fill, pieces = shape.width - real, shape.sequences - len(rows)
     sizes = [fill // pieces + (1 if i < fill % pieces else 0) for i in range(pieces)]
-    bounds = batch["cu_seq_lens_q"].tolist()
-    positions = batch["position_ids"][0].tolist()
-    for n in sizes:
-        bounds.append(bounds[-1] + n)
-        positions += range(n)
-    pad = torch.full((1, fill), pad_token_id, dtype=torch.long)
-    labels = torch.cat([batch["labels"], torch.full((1, fill), IGNORE_INDEX)], 1)
+    batch = packing.collate_packed(rows, pad_token_id, fill=sizes)
+    labels = batch["labels"]
     where = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
-    targets = labels[0, where + 1]
     extra = shape.supervised - len(where)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    return {
-        "input_ids": torch.cat([batch["input_ids"], pad], 1),
-        "labels": labels,  # the Trainer counts targets from it (num_items_in_batch)
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "cu_seq_lens_q": cu,
-        "cu_seq_lens_k": cu,
-        "max_length_q": shape.max_length,
-        "max_length_k": shape.max_length,
-        POSITIONS: torch.cat([where, torch.zeros(extra, dtype=torch.long)]),
-        TARGETS: torch.cat([targets, torch.full((extra,), IGNORE_INDEX)]),
-        "num_tokens": real,
-    }
+    batch[POSITIONS] = torch.cat([where, torch.zeros(extra, dtype=torch.long)])
+    batch[TARGETS] = torch.cat([labels[0, where + 1], torch.full((extra,), IGNORE_INDEX)])
+    # the Trainer counts targets from "labels" (num_items_in_batch); the kernel's max_seqlen is
+    # the plan's, the same every step
+    batch["max_length_q"] = batch["max_length_k"] = shape.max_length
+    return batch
 
 
 def static_loss(model, batch: dict, num_items: torch.Tensor | int | None):

@@ -48,8 +48,12 @@ def pack_bfd(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed(rows: list[dict], pad_token_id: int, multiple: int = 1) -> dict:
-    """Concatenate `rows` (each with input_ids and labels) into one row of shape (1, L)."""
+def collate_packed(
+    rows: list[dict], pad_token_id: int, multiple: int = 1, fill: list[int] | None = None
+) -> dict:
+    """Concatenate `rows` (each with input_ids and labels) into one row of shape (1, L).
+    fill: the lengths of the masked-out pad sequences after the examples (default: one, up to
+    the next multiple of `multiple`)."""
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -62,13 +66,14 @@ def collate_packed(rows: list[dict], pad_token_id: int, multiple: int = 1) -> di
         labels += [IGNORE_INDEX] + list(r["labels"][1:])
         positions += range(n)
         bounds.append(bounds[-1] + n)
-    width = -(-len(ids) // multiple) * multiple
-    if width > len(ids):  # fill to the fixed width with a masked-out sequence of its own
-        extra = width - len(ids)
+    if fill is None:  # to the fixed width, with a masked-out sequence of its own
+        width = -(-len(ids) // multiple) * multiple
+        fill = [width - len(ids)] if width > len(ids) else []
+    for extra in fill:
         ids += [pad_token_id] * extra
         labels += [IGNORE_INDEX] * extra
         positions += range(extra)
-        bounds.append(width)
+        bounds.append(bounds[-1] + extra)
     cu = torch.tensor(bounds, dtype=torch.int32)
     longest = int(cu.diff().max())
     return {
