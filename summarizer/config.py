@@ -270,7 +270,7 @@ class TrainConfig:
     # activation memory on CUDA (estimate, summarizer/lean_lora.py). Other masks than peft's.
     lora_dropout_recompute: bool = False
     # Each training step's forward + backward captured once as a CUDA graph and replayed (no host
-    # work per layer; rows padded to one static shape). auto: where it applies (CUDA, packed bins,
+    # work per layer; rows padded to one static shape). auto: where it applies (CUDA, packed rows,
     # no gradient checkpointing, one process); true insists (summarizer/graph_step.py)
     cuda_graph: str = "false"
 
