@@ -476,7 +476,8 @@ def fit(
 
     args = training_args(cfg, output_dir / "checkpoints")
     graphed = use_cuda_graph(cfg)
-    if _packs_bins(cfg):
+    binned, shape = _packs_bins(cfg), None
+    if binned:
         # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
         budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
         train_bins, eval_bins = _bins(train_rows, budget), _bins(eval_rows, budget)
@@ -488,31 +489,24 @@ def fit(
             len(train_ds),
             budget,
         )
-        shape = None
         if graphed:  # every row in one static shape, as the graph replays it
             shape = graph_step.plan(train_bins + eval_bins, budget, cfg.max_length)
-            log.info("train.cuda_graph: rows of %s", shape)
-
-        def collator(items):
-            rows = [r for item in items for r in _unbin(item)]
-            if shape is not None:
-                return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
-            return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
     else:
         train_ds = _dataset(train_rows)
         eval_ds = _dataset(eval_rows) if eval_rows else None
-        shape = None
         if graphed:  # any batch fits one static shape (the sampler's batches are not known yet)
             most = max(cfg.batch_size, cfg.eval_batch_size if eval_rows else 0)
             shape = graph_step.plan_batches(train_rows + eval_rows, most, cfg.max_length)
-            log.info("train.cuda_graph: rows of %s", shape)
+    if shape is not None:
+        log.info("train.cuda_graph: rows of %s", shape)
 
-        def collator(rows):
-            if shape is not None:
-                return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
-            if cfg.packing:  # pack_tokens=0: the padded path's batches, each packed into one row
-                return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
-            return collate(rows, tokenizer.pad_token_id)
+    def collator(items):
+        rows = [r for item in items for r in _unbin(item)] if binned else items
+        if shape is not None:
+            return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
+        if cfg.packing:  # bins, or (pack_tokens=0) the padded path's batches, each into one row
+            return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
+        return collate(rows, tokenizer.pad_token_id)
 
     if args.eval_strategy != "no" and eval_ds is None:
         raise UserError("train.eval_strategy needs validation rows (data.val_size > 0)")
