@@ -270,8 +270,9 @@ class TrainConfig:
     # activation memory on CUDA (estimate, summarizer/lean_lora.py). Other masks than peft's.
     lora_dropout_recompute: bool = False
     # Each training step's forward + backward captured once as a CUDA graph and replayed (no host
-    # work per layer; rows padded to one static shape). auto: where it applies (CUDA, packed rows,
-    # no gradient checkpointing, one process); true insists (summarizer/graph_step.py)
+    # work per layer; rows padded to a static shape; with gradient checkpointing the recompute is in
+    # the graph too). auto: where it applies (CUDA, packed rows, one process); true insists
+    # (summarizer/graph_step.py)
     cuda_graph: str = "false"
 
 

@@ -7,7 +7,8 @@ alone. A graph replays fixed shapes and fixed memory, so each packed row here ha
 
 - `plan`: from all bins before training, the row width W (the pack budget plus a small reserve),
   the number K of sequences per row, and the number S of supervised positions per row
-  (`plan_batches` for train.pack_tokens=0: any batch of batch_size rows, from the longest rows).
+  (`plan_batches` for train.pack_tokens=0: a few widths, the last for the worst batch of
+  batch_size rows; `pick` gives a batch the narrowest it fits).
 - `collate_static`: a bin -> exactly W tokens split into exactly K sequences (the examples, then
   the fill split into 1..max_length-token sequences of pad tokens, masked out of the loss), and the
   S positions whose next token is supervised (the rest point at position 0 with no target). Same
@@ -15,6 +16,11 @@ alone. A graph replays fixed shapes and fixed memory, so each packed row here ha
 - `GraphStep`: warms the step up eagerly on a side stream, captures forward + backward into one
   graph whose gradients add into fixed `.grad` tensors, then copies each batch into the static
   inputs and replays. The optimizer, gradient clipping and the LR schedule stay the Trainer's.
+- With gradient checkpointing (the memory-bounded path) the recompute runs inside the graph:
+  torch's checkpoint rewinds the CUDA generator within a capture (since torch 2.10; an older torch
+  fails the capture, and train.cuda_graph=auto then trains eagerly), so the recompute draws the
+  forward's LoRA dropout masks. `static_loss(chunked=True)` runs the LM head in vocabulary tiles
+  at the fixed loss positions (TRL's chunked log-prob kernel): no (positions x vocabulary) logits.
 """
 
 from __future__ import annotations
@@ -52,19 +58,50 @@ def plan(bins: list[list[dict]], budget: int, max_length: int, multiple: int = 6
     )
 
 
-def plan_batches(rows: list[dict], batch_size: int, max_length: int, multiple: int = 64) -> Shape:
-    """One static shape that any batch of `batch_size` rows fits (train.pack_tokens=0: the
-    sampler's batches are not known in advance): the longest rows' tokens, the most targets."""
+def plan_batches(
+    rows: list[dict],
+    batch_size: int,
+    max_length: int,
+    multiple: int = 64,
+    quantiles: tuple[float, ...] = (0.5, 0.9, 0.99),
+    samples: int = 2000,
+) -> list[Shape]:
+    """Static shapes, narrowest first, for any batch of `batch_size` rows (train.pack_tokens=0:
+    the sampler's batches are not known in advance). The last fits the worst batch (the longest
+    rows, the most targets); the others are cut at quantiles of the tokens of random batches, so
+    a typical batch is padded to a little over its own size, not to the worst one's (each width
+    is a graph of its own, captured when a batch first needs it)."""
     lengths = sorted((len(r["input_ids"]) for r in rows), reverse=True)[:batch_size]
     targets = sorted((_supervised([r]) for r in rows), reverse=True)[:batch_size]
-    return _shape(
-        rows=min(batch_size, max(len(rows), 1)),
-        tokens=sum(lengths) or 1,
-        supervised=sum(targets),
-        longest=max(lengths, default=1),
-        max_length=max_length,
-        multiple=multiple,
-    )
+    longest = max(lengths, default=1)
+    size = min(batch_size, max(len(rows), 1))
+
+    def shape(tokens: int, supervised: int) -> Shape:
+        return _shape(size, tokens, supervised, longest, max_length, multiple)
+
+    worst = shape(sum(lengths) or 1, sum(targets))
+    if len(rows) <= batch_size:
+        return [worst]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([len(r["input_ids"]) for r in rows])
+    supervised = torch.tensor([_supervised([r]) for r in rows])
+    picks = torch.stack([torch.randperm(len(rows), generator=gen)[:size] for _ in range(samples)])
+    totals, counts = tokens[picks].sum(1), supervised[picks].sum(1)
+    shapes = []
+    for q in quantiles:
+        cut = int(torch.quantile(totals.float(), q).ceil())
+        shapes.append(shape(cut, int(counts[totals <= cut].max())))
+    return sorted(set(shapes + [worst]), key=lambda s: (s.width, s.supervised))
+
+
+def pick(shapes: list[Shape], rows: list[dict]) -> Shape:
+    """The narrowest shape `rows` fit (their tokens, a fill sequence each, their targets)."""
+    real, targets = sum(len(r["input_ids"]) for r in rows), _supervised(rows)
+    for shape in shapes:
+        pieces = shape.sequences - len(rows)
+        if pieces >= 1 and real + pieces <= shape.width and targets <= shape.supervised:
+            return shape
+    raise ValueError(f"a batch of {len(rows)} rows, {real} tokens fits none of {shapes}")
 
 
 def _shape(rows, tokens, supervised, longest, max_length, multiple) -> Shape:
@@ -90,7 +127,8 @@ def _supervised(rows: list[dict]) -> int:
 def collate_static(rows: list[dict], pad_token_id: int, shape: Shape) -> dict:
     """`rows` packed into one row of exactly shape.width tokens and shape.sequences sequences."""
     real = sum(len(r["input_ids"]) for r in rows)
-    if real > shape.width - (shape.sequences - len(rows)) or len(rows) >= shape.sequences:
+    over = _supervised(rows) > shape.supervised
+    if real > shape.width - (shape.sequences - len(rows)) or len(rows) >= shape.sequences or over:
         raise ValueError(f"a bin of {len(rows)} rows, {real} tokens does not fit {shape}")
     fill, pieces = shape.width - real, shape.sequences - len(rows)
     sizes = [fill // pieces + (1 if i < fill % pieces else 0) for i in range(pieces)]
@@ -106,49 +144,117 @@ def collate_static(rows: list[dict], pad_token_id: int, shape: Shape) -> dict:
     return batch
 
 
-def static_loss(model, batch: dict, num_items: torch.Tensor | int | None):
+CHUNK = 32768  # vocabulary tile of the chunked head (TRL's fused_lm_head uses the same)
+
+
+def static_loss(model, batch: dict, num_items: torch.Tensor | int | None, chunked: bool = False):
     """(summed cross-entropy at the batch's fixed loss positions / num_items (default: its own
-    count of targets), model outputs). Only tensor ops of fixed shapes: capturable."""
-    outputs = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        cu_seq_lens_q=batch["cu_seq_lens_q"],
-        cu_seq_lens_k=batch["cu_seq_lens_k"],
-        max_length_q=batch["max_length_q"],
-        max_length_k=batch["max_length_k"],
-        use_cache=False,
-        logits_to_keep=batch[POSITIONS],
-    )
+    count of targets), model outputs). Only tensor ops of fixed shapes: capturable.
+    chunked: the LM head in vocabulary tiles, recomputed in the backward (train.fused_lm_head):
+    the (positions x vocabulary) logits, their fp32 copy and their gradient are never held."""
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "cu_seq_lens_q": batch["cu_seq_lens_q"],
+        "cu_seq_lens_k": batch["cu_seq_lens_k"],
+        "max_length_q": batch["max_length_q"],
+        "max_length_k": batch["max_length_k"],
+        "use_cache": False,
+    }
     targets = batch[TARGETS]
-    loss = torch.nn.functional.cross_entropy(
-        outputs.logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
+    supervised = targets != IGNORE_INDEX
+    count = supervised.sum() if num_items is None else num_items
+    if chunked:
+        loss, outputs = _chunked_head_loss(model, inputs, batch[POSITIONS], targets, supervised)
+    else:
+        outputs = model(**inputs, logits_to_keep=batch[POSITIONS])
+        loss = torch.nn.functional.cross_entropy(
+            outputs.logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
+
+
+def _chunked_head_loss(model, inputs, positions, targets, supervised):
+    """Summed cross-entropy of the head's tiles at `positions`: the backbone's hidden states there,
+    through TRL's ChunkedLogProbFunction (shapes fixed, no nonzero(): the fill's positions get
+    target 0 and weight 0), with the logit scale and softcap the model's own head applies."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from trl.kernels import ChunkedLogProbFunction
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = causal.config.get_text_config()
+    hidden = causal.base_model(**inputs).last_hidden_state[0].index_select(0, positions)
+    head = causal.get_output_embeddings()
+    log_probs = ChunkedLogProbFunction.apply(
+        hidden,
+        head.weight,
+        head.bias,
+        targets.clamp(min=0),
+        1.0,  # temperature
+        CHUNK,
+        getattr(text, "final_logit_softcapping", None),
+        _logit_scale(text),
+        (),  # only the log-probabilities
+    )[0]
+    loss = -(log_probs * supervised).sum()
+    return loss, CausalLMOutputWithPast(loss=loss)
+
+
+def _logit_scale(text) -> float:
+    """The factor a model's head multiplies its logits by, read as TRL's add_fused_lm_head does."""
+    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text, key, None) is not None:
+            return float(getattr(text, key))
+    scaling = getattr(text, "logits_scaling", None)  # Granite, MiniCPM3 divide; HyperCLOVA X not
+    if scaling is not None:
+        return float(scaling if text.model_type == "hyperclovax" else 1 / scaling)
+    return 1.0
 
 
 class CaptureError(RuntimeError):
     """The step could not be captured (an op that syncs with the host or changes shape)."""
 
 
-class GraphStep:
-    """Forward + backward of `static_loss` as one CUDA graph, adding into fixed gradient tensors.
-    Call it where the Trainer calls its forward + backward; it returns the (detached) loss."""
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    static: dict  # the inputs it reads: each batch is copied in
+    loss: torch.Tensor  # the loss it writes
 
-    def __init__(self, warmup: int = 2):
+
+def _key(batch: dict) -> tuple[int, int, int]:
+    """Which static shape a collated row has (width, sequences, loss positions)."""
+    return (
+        batch["input_ids"].shape[1],
+        batch["cu_seq_lens_q"].shape[0] - 1,
+        batch[POSITIONS].shape[0],
+    )
+
+
+class GraphStep:
+    """Forward + backward of `static_loss` as a CUDA graph per static shape (one for packed bins;
+    a few widths for pack_tokens=0), adding into fixed gradient tensors. Call it where the Trainer
+    calls its forward + backward; it returns the (detached) loss. The graphs share one memory pool
+    (they never run at once), so the widest one captured sets the memory."""
+
+    def __init__(self, warmup: int = 2, chunked: bool = False):
         self.warmup = warmup
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: dict = {}
+        self.chunked = chunked  # static_loss's chunked LM head (train.fused_lm_head)
+        self.graphs: dict[tuple[int, int, int], _Captured] = {}
+        self.pool = None  # the first graph's memory pool, shared by the others
         self.count: torch.Tensor | None = None  # num_items, a device scalar
-        self.loss: torch.Tensor | None = None
         self.params: list[torch.nn.Parameter] = []
         self.grads: list[torch.Tensor] = []
 
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The first captured graph (None before the first step)."""
+        return next(iter(self.graphs.values())).graph if self.graphs else None
+
     def __call__(self, model, batch: dict, num_items: torch.Tensor | int) -> torch.Tensor:
         """One forward + backward; num_items: the loss's divisor (targets of the optimizer step)."""
-        if self.graph is None:
-            self._capture(model, batch)
-        for key, value in self.static.items():
+        captured = self.graphs.get(_key(batch)) or self._capture(model, batch)
+        for key, value in captured.static.items():
             value.copy_(batch[key], non_blocking=True)
         self.count.fill_(num_items)
         if any(p.grad is not g for p, g in zip(self.params, self.grads)):
@@ -156,58 +262,75 @@ class GraphStep:
             for p, g in zip(self.params, self.grads):
                 p.grad = g
             torch._foreach_zero_(self.grads)
-        self.graph.replay()
-        return self.loss.clone()
+        captured.graph.replay()
+        return captured.loss.clone()
 
-    def close(self) -> None:
-        """Free the graph, its memory pool and the fixed gradients (generation needs the room)."""
-        for p, g in zip(self.params, self.grads):
-            if p.grad is g:
-                p.grad = None
-        if self.graph is not None:
-            self.graph.reset()
-        self.graph, self.static, self.loss, self.params, self.grads = None, {}, None, [], []
+    def close(self, keep_grads: bool = False) -> None:
+        """Free the graphs, their memory pool and (unless keep_grads: training goes on eagerly,
+        mid-accumulation) the fixed gradients; generation needs the room."""
+        if not keep_grads:
+            for p, g in zip(self.params, self.grads):
+                if p.grad is g:
+                    p.grad = None
+        for captured in self.graphs.values():
+            captured.graph.reset()
+        self.graphs, self.pool, self.params, self.grads = {}, None, [], []
 
-    def _capture(self, model, batch: dict) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.static = {k: batch[k].clone() for k in INPUTS}
-        self.count = torch.ones((), device=self.static["input_ids"].device)
-        inputs = {**self.static, "max_length_q": batch["max_length_q"]}
+    def _capture(self, model, batch: dict) -> _Captured:
+        """Warm up and capture the step for this batch's shape (on its first row of that shape)."""
+        if not self.graphs:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.count = torch.ones((), device=batch["input_ids"].device)
+        static = {k: batch[k].clone() for k in INPUTS}
+        inputs = {**static, "max_length_q": batch["max_length_q"]}
         inputs["max_length_k"] = batch["max_length_k"]
 
         def step():
-            loss = static_loss(model, inputs, self.count)[0]
+            loss = static_loss(model, inputs, self.count, self.chunked)[0]
             loss.backward()
             return loss
 
-        # Warm-up on a side stream (lazy initialisation, Triton autotuning, cuBLAS workspaces), as
-        # torch.cuda.graph asks; its gradients are thrown away.
+        # Warm-up on a side stream (lazy initialisation, Triton autotuning for this shape, cuBLAS
+        # workspaces), as torch.cuda.graph asks; its gradients are thrown away, and the fixed
+        # ones (mid-accumulation when a later shape is captured) are left as they are.
+        held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-up's blocks: the graph gets a memory pool of its own
-        # Existing .grad tensors: the captured backward adds into them (gradient accumulation).
-        self.grads = [torch.zeros_like(p) for p in self.params]
+        torch.cuda.empty_cache()  # the warm-up's blocks: the graphs have a memory pool of their own
+        if not self.grads:  # fixed .grad tensors: the captured backwards add into them
+            self.grads = [torch.zeros_like(p) for p in self.params]
+        # Captured with the fixed .grad tensors in place, or the graph's backward would make .grad
+        # tensors of its own (the case for a shape first seen after zero_grad set them to None).
+        # Their values are this optimizer step's so far, or zero at its start.
+        new_step = any(h is not g for h, g in zip(held, self.grads))
         for p, g in zip(self.params, self.grads):
             p.grad = g
+        if new_step:
+            torch._foreach_zero_(self.grads)
         # Autocast caches its casts of the fp32 LoRA weights until the outermost autocast exits;
         # the Trainer's context spans the warm-up and the capture, so the graph would reuse the
         # warm-up's bf16 copies and never see the weights change: drop them, cast inside the graph.
         torch.clear_autocast_cache()
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the DataLoader's pin-memory thread may call CUDA while this captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 # detached: a live autograd graph would keep the captured AccumulateGrad nodes,
                 # and later eager backwards (evaluation, other code) would sync with the capture
-                self.loss = step().detach()
+                loss = step().detach()
         except RuntimeError as err:  # e.g. a model whose forward reads a value on the host
-            self.graph = None  # the failed capture has nothing to reset
-            self.close()
+            self.close(keep_grads=True)
             cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CaptureError(
                 f"the training step cannot be captured as a CUDA graph: {cause}"
             ) from err
+        if self.pool is None:
+            self.pool = graph.pool()
+        captured = self.graphs[_key(batch)] = _Captured(graph, static, loss)
+        return captured

@@ -65,7 +65,7 @@ def completion_loss(
     (tokens x vocabulary) logits, their fp32 copy or their gradient are ever held.
     """
     if graph_step.POSITIONS in batch:  # a static row (train.cuda_graph): fixed loss positions
-        return graph_step.static_loss(model, batch, num_items)
+        return graph_step.static_loss(model, batch, num_items, chunked=fused)
     # skip_logits: the Trainer's evaluation adds it when Liger is on; this loss needs the logits
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens", "skip_logits")}
     labels = batch["labels"]
@@ -363,14 +363,9 @@ def use_cuda_graph(cfg: TrainConfig) -> bool:
     conflicts = [
         (not torch.cuda.is_available(), "a CUDA GPU"),
         (not cfg.packing, "train.packing=true (packed rows)"),
-        (
-            cfg.gradient_checkpointing,
-            "train.gradient_checkpointing=false (not verified in a graph)",
-        ),
         (cfg.compile, "train.compile=false"),
         # its seeds come from the host: a graph would replay the same masks every step
         (cfg.lora_dropout_recompute, "train.lora_dropout_recompute=false"),
-        (str(cfg.fused_lm_head).lower() == "true", "train.fused_lm_head=auto or false"),
         (
             cfg.precision == "fp16" or (cfg.precision == "auto" and not bf16),
             "train.precision bf16 or fp32 (fp16's loss scaling checks for inf on the host)",
@@ -476,7 +471,7 @@ def fit(
 
     args = training_args(cfg, output_dir / "checkpoints")
     graphed = use_cuda_graph(cfg)
-    binned, shape = _packs_bins(cfg), None
+    binned, shapes = _packs_bins(cfg), []
     if binned:
         # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
         budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
@@ -490,19 +485,22 @@ def fit(
             budget,
         )
         if graphed:  # every row in one static shape, as the graph replays it
-            shape = graph_step.plan(train_bins + eval_bins, budget, cfg.max_length)
+            bins = train_bins + eval_bins
+            shapes = [graph_step.plan(bins, budget, cfg.max_length, cfg.pack_multiple)]
     else:
         train_ds = _dataset(train_rows)
         eval_ds = _dataset(eval_rows) if eval_rows else None
-        if graphed:  # any batch fits one static shape (the sampler's batches are not known yet)
+        if graphed:  # a few static shapes any batch fits (the sampler's batches are not known)
             most = max(cfg.batch_size, cfg.eval_batch_size if eval_rows else 0)
-            shape = graph_step.plan_batches(train_rows + eval_rows, most, cfg.max_length)
-    if shape is not None:
-        log.info("train.cuda_graph: rows of %s", shape)
+            rows = train_rows + eval_rows
+            shapes = graph_step.plan_batches(rows, most, cfg.max_length, cfg.pack_multiple)
+    if shapes:
+        log.info("train.cuda_graph: rows of %s", ", ".join(map(str, shapes)))
 
     def collator(items):
         rows = [r for item in items for r in _unbin(item)] if binned else items
-        if shape is not None:
+        if shapes:
+            shape = graph_step.pick(shapes, rows)
             return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
         if cfg.packing:  # bins, or (pack_tokens=0) the padded path's batches, each into one row
             return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
@@ -523,7 +521,7 @@ def fit(
         callbacks=extra,
     )
     trainer.fused_lm_head = use_fused_head(cfg)
-    trainer.graph_step = graph_step.GraphStep() if graphed else None
+    trainer.graph_step = graph_step.GraphStep(chunked=trainer.fused_lm_head) if graphed else None
     trainer.graph_required = str(cfg.cuda_graph).lower() == "true"
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
     if not resume and cfg.resume_from:
