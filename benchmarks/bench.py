@@ -117,7 +117,12 @@ OURS = {
     "ours_batch_eager": {"pack_tokens": 0, "cuda_graph": "false"},
     # the plain run's batches with checkpointing (and the chunked LM head): the memory-saving one
     "ours_batch_ckpt": {"pack_tokens": 0, "gradient_checkpointing": True},
-    "ours_ckpt": {"gradient_checkpointing": True},  # + the chunked LM head (fused_lm_head=auto)
+    # checkpointing + the chunked LM head (fused_lm_head=auto), in the CUDA graph: the memory-bounded
+    # path; smaller token budgets per row trade speed for memory
+    "ours_ckpt": {"gradient_checkpointing": True},
+    "ours_ckpt_6k": {"gradient_checkpointing": True, "pack_tokens": 6144},
+    "ours_ckpt_4k": {"gradient_checkpointing": True, "pack_tokens": 4096},
+    "ours_ckpt_eager": {"gradient_checkpointing": True, "cuda_graph": "false"},
     "ours_compile": {"compile": True},  # each decoder layer compiled; the warm-up steps pay it
     "ours_fused": {"fused_lm_head": "true"},  # TRL's chunked LM head without checkpointing
     # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
