@@ -3,7 +3,7 @@
 Why: with packing, varlen attention and Liger, a GPU step is short of GPU work and long on host
 work: Python in bitsandbytes, peft and the kernel launchers, per layer (RESULTS.md: the GPU busy
 0.34-0.53 of a step). Captured once, the forward and backward of a step are replayed by the driver
-alone. A graph replays fixed shapes and fixed memory, so each packed row here has one static form:
+alone. A graph replays fixed shapes and fixed memory, so each packed row here has a static form:
 
 - `plan`: from all bins before training, the row width W (the pack budget plus a small reserve),
   the number K of sequences per row, and the number S of supervised positions per row
@@ -13,13 +13,14 @@ alone. A graph replays fixed shapes and fixed memory, so each packed row here ha
   the fill split into 1..max_length-token sequences of pad tokens, masked out of the loss), and the
   S positions whose next token is supervised (the rest point at position 0 with no target). Same
   loss as the dynamic packed row (`train._packed_loss`), with no `nonzero()` on the device.
-- `GraphStep`: warms the step up eagerly on a side stream, captures forward + backward into one
-  graph whose gradients add into fixed `.grad` tensors, then copies each batch into the static
-  inputs and replays. The optimizer, gradient clipping and the LR schedule stay the Trainer's.
+- `GraphStep`: for each static shape, on its first row, warms the step up eagerly on a side
+  stream and captures forward + backward into a graph whose gradients add into fixed `.grad`
+  tensors; then copies each row into that graph's inputs and replays it. The optimizer, gradient
+  clipping and the LR schedule stay the Trainer's.
 - With gradient checkpointing (the memory-bounded path) the recompute runs inside the graph:
-  torch's checkpoint rewinds the CUDA generator within a capture (since torch 2.10; an older torch
-  fails the capture, and train.cuda_graph=auto then trains eagerly), so the recompute draws the
-  forward's LoRA dropout masks. `static_loss(chunked=True)` runs the LM head in vocabulary tiles
+  torch's checkpoint rewinds the CUDA generator within a capture (torch 2.11, pytorch#162505; a
+  torch without it fails the capture, and train.cuda_graph=auto then trains eagerly), so the
+  recompute draws the forward's LoRA dropout masks. `static_loss(chunked=True)` runs the LM head in vocabulary tiles
   at the fixed loss positions (TRL's chunked log-prob kernel): no (positions x vocabulary) logits.
 """
 
@@ -245,11 +246,6 @@ class GraphStep:
         self.count: torch.Tensor | None = None  # num_items, a device scalar
         self.params: list[torch.nn.Parameter] = []
         self.grads: list[torch.Tensor] = []
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The first captured graph (None before the first step)."""
-        return next(iter(self.graphs.values())).graph if self.graphs else None
 
     def __call__(self, model, batch: dict, num_items: torch.Tensor | int) -> torch.Tensor:
         """One forward + backward; num_items: the loss's divisor (targets of the optimizer step)."""
