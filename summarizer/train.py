@@ -396,6 +396,8 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
     bins = _packs_bins(cfg)
     if cfg.pack_tokens is not None and cfg.pack_tokens < 0:
         raise UserError(f"train.pack_tokens={cfg.pack_tokens}: expected null, 0 or a token count")
+    if cfg.pack_multiple < 1:
+        raise UserError(f"train.pack_multiple={cfg.pack_multiple}: expected a token count >= 1")
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if on_gpu else "adamw_torch")
     evaluate = cfg.eval_strategy != "no"
     early_stop = evaluate and cfg.early_stopping_patience > 0

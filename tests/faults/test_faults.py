@@ -284,6 +284,11 @@ SETTING_CASES = {
         ["train.cuda_graph=true needs a CUDA GPU; or set train.cuda_graph=auto"],
         None,
     ),
+    "pack-multiple-zero": (
+        ["train.packing=true", "train.pack_multiple=0"],
+        ["train.pack_multiple=0: expected a token count >= 1"],
+        None,
+    ),
     "cuda-graph-bad-value": (
         ["train.cuda_graph=always"],
         ["train.cuda_graph='always': expected auto, true or false"],
