@@ -137,7 +137,10 @@ FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, 
 def main() -> None:
     ap = argparse.ArgumentParser(description="training + generation speed benchmark")
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
-    ap.add_argument("--variants", default="trl_plain,trl_best,ours_batch,ours_ckpt,ours_eager,ours")
+    ap.add_argument(
+        "--variants",
+        default="trl_plain,trl_best,ours_batch,ours_batch_ckpt,ours_ckpt_6k,ours_eager,ours",
+    )
     ap.add_argument("--train-rows", type=int, default=320)
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--gen-rows", type=int, default=0, help="prompts to generate for (0: all)")
