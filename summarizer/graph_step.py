@@ -72,8 +72,10 @@ def plan_batches(
     rows, the most targets); the others are cut at quantiles of the tokens of random batches, so
     a typical batch is padded to a little over its own size, not to the worst one's (each width
     is a graph of its own, captured when a batch first needs it)."""
-    lengths = sorted((len(r["input_ids"]) for r in rows), reverse=True)[:batch_size]
-    targets = sorted((_supervised([r]) for r in rows), reverse=True)[:batch_size]
+    tokens = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long)
+    supervised = torch.tensor([_supervised([r]) for r in rows], dtype=torch.long)
+    lengths = tokens.sort(descending=True).values[:batch_size].tolist()
+    targets = supervised.sort(descending=True).values[:batch_size].tolist()
     longest = max(lengths, default=1)
     size = min(batch_size, max(len(rows), 1))
 
@@ -84,8 +86,6 @@ def plan_batches(
     if len(rows) <= batch_size:
         return [worst]
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.tensor([len(r["input_ids"]) for r in rows])
-    supervised = torch.tensor([_supervised([r]) for r in rows])
     picks = torch.stack([torch.randperm(len(rows), generator=gen)[:size] for _ in range(samples)])
     totals, counts = tokens[picks].sum(1), supervised[picks].sum(1)
     shapes = []
@@ -96,13 +96,20 @@ def plan_batches(
 
 
 def pick(shapes: list[Shape], rows: list[dict]) -> Shape:
-    """The narrowest shape `rows` fit (their tokens, a fill sequence each, their targets)."""
-    real, targets = sum(len(r["input_ids"]) for r in rows), _supervised(rows)
+    """The narrowest shape `rows` fit."""
     for shape in shapes:
-        pieces = shape.sequences - len(rows)
-        if pieces >= 1 and real + pieces <= shape.width and targets <= shape.supervised:
+        if _fits(shape, rows):
             return shape
+    real = sum(len(r["input_ids"]) for r in rows)
     raise ValueError(f"a batch of {len(rows)} rows, {real} tokens fits none of {shapes}")
+
+
+def _fits(shape: Shape, rows: list[dict]) -> bool:
+    """Whether `rows` fit one row of `shape`: their tokens plus at least one fill sequence (of one
+    token or more) in its width, and their targets in its loss positions."""
+    pieces = shape.sequences - len(rows)
+    real = sum(len(r["input_ids"]) for r in rows)
+    return pieces >= 1 and real + pieces <= shape.width and _supervised(rows) <= shape.supervised
 
 
 def _shape(rows, tokens, supervised, longest, max_length, multiple) -> Shape:
@@ -128,8 +135,7 @@ def _supervised(rows: list[dict]) -> int:
 def collate_static(rows: list[dict], pad_token_id: int, shape: Shape) -> dict:
     """`rows` packed into one row of exactly shape.width tokens and shape.sequences sequences."""
     real = sum(len(r["input_ids"]) for r in rows)
-    over = _supervised(rows) > shape.supervised
-    if real > shape.width - (shape.sequences - len(rows)) or len(rows) >= shape.sequences or over:
+    if not _fits(shape, rows):
         raise ValueError(f"a bin of {len(rows)} rows, {real} tokens does not fit {shape}")
     fill, pieces = shape.width - real, shape.sequences - len(rows)
     sizes = [fill // pieces + (1 if i < fill % pieces else 0) for i in range(pieces)]

@@ -15,15 +15,7 @@ from summarizer.model import add_lora
 from summarizer.packing import collate_packed, pack_bfd
 from summarizer.prompt import IGNORE_INDEX
 from summarizer.train import completion_loss, use_cuda_graph
-
-
-def _rows(lengths, seed=0, vocab=(4, 1000)):
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for n_prompt, n_completion in lengths:
-        ids = torch.randint(*vocab, (n_prompt + n_completion,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
-    return rows
+from tests.unit.test_train import _rows  # random (prompt, completion) rows
 
 
 def _bins(rows, budget):

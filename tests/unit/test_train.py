@@ -25,7 +25,9 @@ ROWS = [
 ]
 
 
-def _rows(lengths: list[tuple[int, int]], seed: int, vocab: tuple[int, int]) -> list[dict]:
+def _rows(
+    lengths: list[tuple[int, int]], seed: int = 0, vocab: tuple[int, int] = (4, 1000)
+) -> list[dict]:
     """Random (prompt, completion) rows of these lengths, the completion supervised."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
