@@ -26,7 +26,9 @@ alone. A graph replays fixed shapes and fixed memory, so each packed row here ha
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,8 @@ from summarizer.prompt import IGNORE_INDEX
 
 POSITIONS = "loss_positions"  # (S,) positions t whose next token is a target
 TARGETS = "loss_targets"  # (S,) the target of each, IGNORE_INDEX for the fill
+log = logging.getLogger(__name__)
+
 INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", POSITIONS, TARGETS)
 
 
@@ -245,13 +249,14 @@ class GraphStep:
     (they never run at once), so the widest one captured sets the memory."""
 
     def __init__(self, warmup: int = 2, chunked: bool = False):
-        self.warmup = warmup
+        self.warmup = warmup  # eager steps before the first capture; later shapes take one
         self.chunked = chunked  # static_loss's chunked LM head (train.fused_lm_head)
         self.graphs: dict[tuple[int, int, int], _Captured] = {}
         self.pool = None  # the first graph's memory pool, shared by the others
         self.count: torch.Tensor | None = None  # num_items, a device scalar
         self.params: list[torch.nn.Parameter] = []
         self.grads: list[torch.Tensor] = []
+        self.capture_seconds: list[float] = []  # each capture's warm-up + capture, in order
 
     def __call__(self, model, batch: dict, num_items: torch.Tensor | int) -> torch.Tensor:
         """One forward + backward; num_items: the loss's divisor (targets of the optimizer step)."""
@@ -279,8 +284,12 @@ class GraphStep:
         self.graphs, self.pool, self.params, self.grads = {}, None, [], []
 
     def _capture(self, model, batch: dict) -> _Captured:
-        """Warm up and capture the step for this batch's shape (on its first row of that shape)."""
-        if not self.graphs:
+        """Warm up and capture the step for this batch's shape (on its first row of that shape).
+        Each costs a few eager steps (seconds on a 4B model): logged, and counted in
+        capture_seconds, so that a short run's tokens/s can be told apart from the steady rate."""
+        start = time.perf_counter()
+        first = not self.graphs
+        if first:
             self.params = [p for p in model.parameters() if p.requires_grad]
             self.count = torch.ones((), device=batch["input_ids"].device)
         static = {k: batch[k].clone() for k in INPUTS}
@@ -294,14 +303,15 @@ class GraphStep:
 
         # Warm-up on a side stream (lazy initialisation, Triton autotuning for this shape, cuBLAS
         # workspaces), as torch.cuda.graph asks; its gradients are thrown away, and the fixed
-        # ones (mid-accumulation when a later shape is captured) are left as they are.
+        # ones (mid-accumulation when a later shape is captured) are left as they are. A later
+        # shape needs one pass (its own autotuning and plans): the lazy initialisation is done.
         held = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
+            for _ in range(self.warmup if first else 1):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.empty_cache()  # the warm-up's blocks: the graphs have a memory pool of their own
@@ -335,4 +345,16 @@ class GraphStep:
         if self.pool is None:
             self.pool = graph.pool()
         captured = self.graphs[_key(batch)] = _Captured(graph, static, loss)
+        torch.cuda.synchronize()  # the warm-up's work is in the time
+        self.capture_seconds.append(time.perf_counter() - start)
+        width, sequences, positions = _key(batch)
+        log.info(
+            "train.cuda_graph: captured the step for rows of %d tokens, %d sequences, %d loss "
+            "positions in %.1f s (graph %d)",
+            width,
+            sequences,
+            positions,
+            self.capture_seconds[-1],
+            len(self.graphs),
+        )
         return captured

@@ -544,7 +544,9 @@ def fit(
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
+    captures = []  # each graph's warm-up + capture: seconds inside train_seconds
     if trainer.graph_step is not None:
+        captures = trainer.graph_step.capture_seconds
         trainer.graph_step.close()
     # Mixed precision: accelerate wrapped model.forward in autocast; unwrap it so generation runs
     # in the model's own dtype, as `predict` later does (a static KV cache also needs one dtype).
@@ -562,6 +564,9 @@ def fit(
     }
     if eval_loss is not None:
         figures["eval_loss"] = eval_loss
+    if captures:  # one-off costs: a short run's tokens/s is below the steady rate
+        figures["train_graph_captures"] = len(captures)
+        figures["train_graph_capture_seconds"] = sum(captures)
     return figures
 
 

@@ -330,6 +330,10 @@ def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir, pack_token
         ids = torch.tensor([rows[0]["input_ids"][:20]], device="cuda")
         assert lm.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] == 23
     assert figures["true"]["train_steps"] == figures["false"]["train_steps"] == 6
+    # each graph's capture is timed (train_seconds holds it: a short run's rate is below steady)
+    assert 0 < figures["true"]["train_graph_capture_seconds"] < figures["true"]["train_seconds"]
+    assert figures["true"]["train_graph_captures"] >= (2 if pack_tokens == 0 else 1)
+    assert "train_graph_captures" not in figures["false"]
     assert figures["true"]["train_loss_avg"] == pytest.approx(
         figures["false"]["train_loss_avg"], rel=1e-3
     )
