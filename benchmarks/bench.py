@@ -41,6 +41,7 @@ import contextlib
 import gc
 import gzip
 import json
+import logging
 import os
 import platform
 import random
@@ -141,7 +142,7 @@ def main() -> None:
         "--variants",
         default="trl_plain,trl_best,ours_batch,ours_batch_ckpt,ours_ckpt_6k,ours_eager,ours",
     )
-    ap.add_argument("--train-rows", type=int, default=320)
+    ap.add_argument("--train-rows", type=int, default=640)  # 80 steps of the plain run
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--gen-rows", type=int, default=0, help="prompts to generate for (0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -206,7 +207,7 @@ def main() -> None:
         result["train"][variant] = figures
         save(dest, result)  # each variant's figures survive a later crash or time limit
         top = figures.get("profile_top_host_ops")
-        print(json.dumps({k: v for k, v in figures.items() if k != "profile_top_host_ops"}))
+        print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, (str, list))}))
         print(top or "", flush=True)
     ours_ok = "error" not in result["train"].get("ours", {"error": "not run"})
     if not args.no_generate and ours_ok:
@@ -509,21 +510,40 @@ def _trainer_callback_base():
     return TrainerCallback
 
 
+class CaptureCount(logging.Handler):
+    """Counts the CUDA graphs captured (summarizer.graph_step logs each one, and nothing else)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += 1
+
+
 class Meter(_trainer_callback_base()):
     """Counts real tokens per batch (wrapping the trainer's collator) and times optimizer steps
-    after a warm-up; profiles a few steps for the GPU-busy fraction."""
+    after a warm-up; profiles a few steps for the GPU-busy fraction, from the middle of the run:
+    the first steps after the warm-up still hold one-off costs (a CUDA graph's first launch
+    uploads it: ~9 ms a launch, against ~55 ms of GPU work in a 1B step). A step in which a CUDA graph
+    was captured (a new row width, seconds of eager warm-up) is timed apart: the tokens/s is the
+    steady rate, and `tokens_per_second_incl_capture` the rate with the captures in."""
 
     def __init__(self, pad_id: int, warmup: int = 3, profile: int = 3):
         self.WARMUP, self.PROFILE = warmup, profile
+        self.profile_at = warmup  # the first profiled step: the run's middle (on_train_begin)
         self.pad_id = pad_id
         self.tokens: list[int] = []
         self.step_times: list[float] = []
+        self.captured: list[int] = []  # per step: the graphs captured in it
         self.losses: list[float] = []
         self.t0 = None
         self.prof = None
         self.busy = None
         self.profile_wall = None
         self.profile_top = None  # the profiler's table of host ops, by self CPU time
+        self.captures = CaptureCount()
+        self.captures_before = 0
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
         # accelerate wraps the torch DataLoader: count what its collator hands to the model
@@ -536,11 +556,19 @@ class Meter(_trainer_callback_base()):
             return batch
 
         loader.collate_fn = counting
+        self.profile_at = max(self.WARMUP, (state.max_steps - self.PROFILE) // 2)
+        logger = logging.getLogger("summarizer.graph_step")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self.captures)
+
+    def on_train_end(self, args, state, control, **kw):
+        logging.getLogger("summarizer.graph_step").removeHandler(self.captures)
 
     def on_step_begin(self, args, state, control, **kw):
         sync()
+        self.captures_before = self.captures.count
         self.t0 = time.perf_counter()
-        if state.global_step == self.WARMUP and self.prof is None and has_cuda():
+        if state.global_step == self.profile_at and self.prof is None and has_cuda():
             from torch.profiler import ProfilerActivity, profile
 
             self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -550,10 +578,11 @@ class Meter(_trainer_callback_base()):
     def on_step_end(self, args, state, control, **kw):
         sync()
         self.step_times.append(time.perf_counter() - self.t0)
+        self.captured.append(self.captures.count - self.captures_before)
         if (
             self.prof is not None
             and self.busy is None
-            and (state.global_step >= self.WARMUP + self.PROFILE)
+            and (state.global_step >= self.profile_at + self.PROFILE)
         ):
             wall = time.perf_counter() - self.profile_start
             self.prof.__exit__(None, None, None)
@@ -570,22 +599,35 @@ class Meter(_trainer_callback_base()):
 
     def figures(self) -> dict:
         steps = len(self.step_times)
-        timed = self.step_times[self.WARMUP :]
         # the profiled steps run slower (the profiler's own overhead): leave them out of speed
-        skip = set(range(0, self.PROFILE)) if self.busy is not None else set()
-        timed_tokens = self.tokens[self.WARMUP : steps]
-        pairs = [(t, n) for i, (t, n) in enumerate(zip(timed, timed_tokens)) if i not in skip]
-        seconds = sum(t for t, _ in pairs)
-        tokens = sum(n for _, n in pairs)
+        profiled = range(self.profile_at, self.profile_at + self.PROFILE)
+        profiled = profiled if self.busy is not None else ()
+        timed = [i for i in range(self.WARMUP, steps) if i not in profiled]
+        steady = [i for i in timed if not self.captured[i]]
+
+        def rate(indices):
+            seconds = sum(self.step_times[i] for i in indices)
+            tokens = sum(self.tokens[i] for i in indices)
+            n = max(len(indices), 1)
+            return tokens / seconds if seconds else float("nan"), seconds / n, tokens / n
+
+        per_second, per_step, tokens_per_step = rate(steady)
         return {
             "steps": steps,
             "tokens_total": sum(self.tokens[:steps]),
-            "tokens_per_step": tokens / max(len(pairs), 1),
-            "seconds_per_step": seconds / max(len(pairs), 1),
-            "tokens_per_second": tokens / seconds if seconds else float("nan"),
+            "tokens_per_second_whole_run": rate(range(steps))[0],
+            "tokens_per_step": tokens_per_step,
+            "seconds_per_step": per_step,
+            "tokens_per_second": per_second,
+            "tokens_per_second_incl_capture": rate(timed)[0],  # the timed steps, captures in
+            "graph_captures": self.captures.count,
+            "graph_captures_timed": sum(self.captured[i] for i in timed),
             "gpu_busy": self.busy,
             "profile_top_host_ops": self.profile_top,
             "train_loss_last5": sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1),
+            "step_seconds": [round(t, 5) for t in self.step_times],
+            "step_tokens": self.tokens[:steps],
+            "step_captured": [i for i in range(steps) if self.captured[i]],
         }
 
 
@@ -876,8 +918,8 @@ def table(r: dict) -> str:
         f"transformers {r['env']['transformers']}, trl {r['env']['trl']})",
         "",
         "| training | tokens/s | s/step | tokens/step | peak GiB | GPU busy | held-out loss "
-        "| vs trl_plain | vs trl_best |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| vs trl_plain | vs trl_best | whole run: tokens/s, vs trl_plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     t = {k: v for k, v in r["train"].items() if "error" not in v}
     for k, v in r["train"].items():
@@ -891,7 +933,8 @@ def table(r: dict) -> str:
         lines.append(
             f"| {k} | {v['tokens_per_second']:,.0f} | {v['seconds_per_step']:.3f} | "
             f"{v['tokens_per_step']:,.0f} | {fmt(v.get('peak_gib'))} | {fmt(v.get('gpu_busy'))} | "
-            f"{v['eval_loss']:.4f} | {fmt(ratio['trl_plain'])}x | {fmt(ratio['trl_best'])}x |"
+            f"{v['eval_loss']:.4f} | {fmt(ratio['trl_plain'])}x | {fmt(ratio['trl_best'])}x | "
+            f"{whole_run(v, t.get('trl_plain'))} |"
         )
     g = r.get("generate") or {}
     if g:
@@ -917,6 +960,23 @@ def table(r: dict) -> str:
                 f"{g['ours']['rows']} prompts (ROUGE-L {g['ours']['rougeL_vs_merged']:.2f})."
             )
     return "\n".join(lines)
+
+
+def whole_run(v: dict, plain: dict | None) -> str:
+    """Tokens/s over every step: the warm-up, graph captures and profiled steps in (a short run's
+    rate as its user sees it; one-off costs weigh less the longer the run)."""
+    rate, base = _whole_rate(v), _whole_rate(plain or {})
+    if rate is None:
+        return "-"
+    return f"{rate:,.0f}, {fmt(rate / base if base else None)}x"
+
+
+def _whole_rate(v: dict) -> float | None:
+    if "tokens_per_second_whole_run" in v:
+        return v["tokens_per_second_whole_run"]
+    if v.get("step_seconds"):  # results saved before that key: the same from the step lists
+        return sum(v["step_tokens"]) / sum(v["step_seconds"])
+    return None
 
 
 def fmt(x) -> str:
