@@ -284,10 +284,19 @@ def _tiny_tokenizer(train_text: str, vocab_size: int, cache_dir: str) -> Path:
 # --- LoRA ----------------------------------------------------------------------------------------
 
 
-def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool, upcast_frozen: bool = True):
+def add_lora(
+    model,
+    cfg: LoraConfig,
+    gradient_checkpointing: bool,
+    upcast_frozen: bool = True,
+    seed: int | None = None,
+):
     """LoRA adapters on `cfg.target_modules`. A k-bit model is prepared as peft does it; with
     `upcast_frozen=False` its frozen norms, embeddings and LM head keep their load dtype (bf16)
-    instead of peft's fp32 copies (see TrainConfig.upcast_frozen)."""
+    instead of peft's fp32 copies (see TrainConfig.upcast_frozen). `seed` (train.seed) fixes the
+    adapters' random init: otherwise it depends on whatever drew random numbers before in the
+    process (a first-use model conversion, an earlier trial), and a rerun of the same config
+    scores differently."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -317,6 +326,8 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool, upcast_frozen
         modules_to_save=list(cfg.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
+    if seed is not None:
+        torch.manual_seed(seed)  # lora_A's init draws from it (lora_B starts at zero)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:

@@ -125,7 +125,11 @@ def run(cfg: DictConfig) -> float:
                 eval_rows = [encode(ex, True) for ex in val_ex]
                 _log_truncation("training", train_rows + eval_rows)
                 lm = model.add_lora(
-                    base, cfg.lora, cfg.train.gradient_checkpointing, cfg.train.upcast_frozen
+                    base,
+                    cfg.lora,
+                    cfg.train.gradient_checkpointing,
+                    cfg.train.upcast_frozen,
+                    seed=cfg.train.seed,
                 )
                 figures = train.fit(
                     cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks, checkpoint
