@@ -511,23 +511,24 @@ def _trainer_callback_base():
 
 
 class CaptureCount(logging.Handler):
-    """Counts the CUDA graphs captured (summarizer.graph_step logs each one, and nothing else)."""
+    """Counts the CUDA graphs captured: summarizer.graph_step logs each one."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.count = 0
 
     def emit(self, record):
-        self.count += 1
+        if record.getMessage().startswith("train.cuda_graph: captured"):
+            self.count += 1
 
 
 class Meter(_trainer_callback_base()):
     """Counts real tokens per batch (wrapping the trainer's collator) and times optimizer steps
     after a warm-up; profiles a few steps for the GPU-busy fraction, from the middle of the run:
     the first steps after the warm-up still hold one-off costs (a CUDA graph's first launch
-    uploads it: ~9 ms a launch, against ~55 ms of GPU work in a 1B step). A step in which a CUDA graph
-    was captured (a new row width, seconds of eager warm-up) is timed apart: the tokens/s is the
-    steady rate, and `tokens_per_second_incl_capture` the rate with the captures in."""
+    uploads it: ~9 ms a launch, against ~55 ms of GPU work in a 1B step). A step in which a CUDA
+    graph was captured (a new row width, seconds of eager warm-up) is timed apart: the tokens/s
+    is the steady rate, and `tokens_per_second_incl_capture` the rate with the captures in."""
 
     def __init__(self, pad_id: int, warmup: int = 3, profile: int = 3):
         self.WARMUP, self.PROFILE = warmup, profile

@@ -36,10 +36,10 @@ import torch
 from summarizer import packing
 from summarizer.prompt import IGNORE_INDEX
 
-POSITIONS = "loss_positions"  # (S,) positions t whose next token is a target
-TARGETS = "loss_targets"  # (S,) the target of each, IGNORE_INDEX for the fill
 log = logging.getLogger(__name__)
 
+POSITIONS = "loss_positions"  # (S,) positions t whose next token is a target
+TARGETS = "loss_targets"  # (S,) the target of each, IGNORE_INDEX for the fill
 INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", POSITIONS, TARGETS)
 
 

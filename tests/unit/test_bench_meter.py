@@ -56,6 +56,9 @@ def test_steps_that_capture_a_graph_are_timed_apart():
     # the handler is gone after training: a later run's captures are not counted here
     logging.getLogger("summarizer.graph_step").info("train.cuda_graph: captured")
     assert meter.captures.count == 4
+    # only the capture lines count
+    meter.captures.emit(logging.makeLogRecord({"msg": "train.cuda_graph: rows of 4096"}))
+    assert meter.captures.count == 4
 
 
 def test_without_captures_both_rates_agree():
