@@ -288,7 +288,7 @@ class GraphStep:
         Each costs a few eager steps (seconds on a 4B model): logged, and counted in
         capture_seconds, so that a short run's tokens/s can be told apart from the steady rate."""
         start = time.perf_counter()
-        first = not self.graphs
+        key, first = _key(batch), not self.graphs
         if first:
             self.params = [p for p in model.parameters() if p.requires_grad]
             self.count = torch.ones((), device=batch["input_ids"].device)
@@ -344,16 +344,13 @@ class GraphStep:
             ) from err
         if self.pool is None:
             self.pool = graph.pool()
-        captured = self.graphs[_key(batch)] = _Captured(graph, static, loss)
+        captured = self.graphs[key] = _Captured(graph, static, loss)
         torch.cuda.synchronize()  # the warm-up's work is in the time
         self.capture_seconds.append(time.perf_counter() - start)
-        width, sequences, positions = _key(batch)
         log.info(
             "train.cuda_graph: captured the step for rows of %d tokens, %d sequences, %d loss "
             "positions in %.1f s (graph %d)",
-            width,
-            sequences,
-            positions,
+            *key,
             self.capture_seconds[-1],
             len(self.graphs),
         )
