@@ -30,24 +30,24 @@ zero-shot: $(STAMP) ## the same model and validation rows without training, for 
 RUN ?=
 INPUT ?= data/samples/dialogsum_ko_test.csv
 predict: $(STAMP) ## summarise INPUT (CSV/JSON/JSONL) with a trained run: make predict RUN=outputs/<day>/<run>
-	$(PY) -m summarizer.predict $(RUN) --input $(INPUT) $(ARGS)
+	$(PY) -m summarizer.cli.predict $(RUN) --input $(INPUT) $(ARGS)
 
 SWEEP ?= tiny_cpu
 sweep: $(STAMP) ## run (or resume) the Optuna sweep sweeps/$(SWEEP).yaml, e.g. make sweep SWEEP=gemma
 	$(PY) -m summarizer --multirun sweep=$(SWEEP) $(ARGS)
 
 sweep-report: $(STAMP) ## regenerate plots + best-trial summary of a sweep (multirun/$(SWEEP)/report, MLflow)
-	$(PY) -m summarizer.report $(SWEEP) $(ARGS)
+	$(PY) -m summarizer.sweep.report $(SWEEP) $(ARGS)
 
 SERVICES_DIR ?= .services
 SERVICES_HOST ?= 127.0.0.1
 PG_PORT ?= 5433
 MLFLOW_PORT ?= 5050
 services-up: $(STAMP) ## PostgreSQL + an MLflow server for multi-worker sweeps; prints the exports (SERVICES_HOST=0.0.0.0 for other machines)
-	$(PY) -m summarizer.services up --dir $(SERVICES_DIR) --host $(SERVICES_HOST) --pg-port $(PG_PORT) --mlflow-port $(MLFLOW_PORT) $(ARGS)
+	$(PY) -m summarizer.sweep.services up --dir $(SERVICES_DIR) --host $(SERVICES_HOST) --pg-port $(PG_PORT) --mlflow-port $(MLFLOW_PORT) $(ARGS)
 
 services-down: $(STAMP) ## stop them (the data stays in .services, or SERVICES_DIR)
-	$(PY) -m summarizer.services down --dir $(SERVICES_DIR)
+	$(PY) -m summarizer.sweep.services down --dir $(SERVICES_DIR)
 
 gpu-models: $(STAMP) ## pack wheels, data and the Gemma GGUF in <64 MiB pieces for an offline GPU machine (.gpu/)
 	bash scripts/gpu/prep.sh

@@ -28,7 +28,7 @@ generates for the whole validation set (every dev prompt) with (1) per-example `
 QLoRA model (a few rows: it is slow), (2) plain batched `generate` on the QLoRA model (batch 64),
 (3) `merged`: the adapter merged into a bf16 copy of the base, then `generate` in length-sorted
 batches, (4) `ours`, the project's path: the same merged copy, decoded by
-summarizer.generate.greedy_static (static KV cache, one decode step replayed as a CUDA graph):
+summarizer.speed.static_decode.greedy_static (static KV cache, one decode step replayed as a CUDA graph):
 new tokens/s, summaries/s (merge and graph capture included), and ROUGE-L of the outputs against
 the peer's outputs and against the reference completions.
 Results: JSON under --out (and a markdown table printed, for benchmarks/RESULTS.md).
@@ -129,7 +129,7 @@ OURS = {
     # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
     "ours_lean": {"lora_dropout_recompute": True},
     "ours_ckpt_lean": {"gradient_checkpointing": True, "lora_dropout_recompute": True},
-    # ours without the CUDA-graph step (train.cuda_graph=auto in gpu_fast; summarizer/graph_step)
+    # ours without the CUDA-graph step (train.cuda_graph=auto in gpu_fast; summarizer/speed/graph_step.py)
     "ours_eager": {"cuda_graph": "false"},
 }
 FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, eos=1, bos=2)
@@ -334,7 +334,7 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         lm = trainer.model
     elif variant in OURS:
         from summarizer import model as summarizer_model
-        from summarizer import train
+        from summarizer.train import fit as train
 
         lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=list(SEVEN))
         cfg = ours_train_config(args)
@@ -478,7 +478,7 @@ def held_out_loss(lm, rows, pad_id: int, batch: int = 8) -> float:
     """Mean completion loss on the held-out rows, computed the same way for every variant."""
     import torch
 
-    from summarizer.train import collate, completion_loss
+    from summarizer.train.loss import collate, completion_loss
 
     lm.eval()
     device = next(lm.parameters()).device
@@ -511,7 +511,7 @@ def _trainer_callback_base():
 
 
 class CaptureCount(logging.Handler):
-    """Counts the CUDA graphs captured: summarizer.graph_step logs each one."""
+    """Counts the CUDA graphs captured: summarizer.speed.graph_step logs each one."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -558,12 +558,12 @@ class Meter(_trainer_callback_base()):
 
         loader.collate_fn = counting
         self.profile_at = max(self.WARMUP, (state.max_steps - self.PROFILE) // 2)
-        logger = logging.getLogger("summarizer.graph_step")
+        logger = logging.getLogger("summarizer.speed.graph_step")
         logger.setLevel(logging.INFO)
         logger.addHandler(self.captures)
 
     def on_train_end(self, args, state, control, **kw):
-        logging.getLogger("summarizer.graph_step").removeHandler(self.captures)
+        logging.getLogger("summarizer.speed.graph_step").removeHandler(self.captures)
 
     def on_step_begin(self, args, state, control, **kw):
         sync()
@@ -654,8 +654,9 @@ def gpu_busy_seconds(prof) -> float:
 def generation(path, tokenizer, prompts, refs, args, work: Path) -> dict:
     import torch
 
-    from summarizer import generate, model
+    from summarizer import generate
     from summarizer.config import GenerateConfig
+    from summarizer.speed import merge as merging
 
     adapter = work / "runs" / "ours" / "adapter"
     eos = [tokenizer.eos_token_id]
@@ -676,7 +677,7 @@ def generation(path, tokenizer, prompts, refs, args, work: Path) -> dict:
     res["plain_batched"] = speed(t, len(prompts))
     # As the pipeline does after training: the QLoRA model in memory made dense (the adapter merged
     # into a bf16 copy of the base), timed once and counted in both merged variants.
-    merge = timed(lambda: model.merged_for_generation(qlora))
+    merge = timed(lambda: merging.merged_for_generation(qlora))
     lm, qlora = merge["value"], None
     free()
     res["merge_seconds"] = merge["seconds"]
@@ -798,8 +799,10 @@ def low_memory(path, tokenizer, train_rows, work: Path) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from summarizer import generate, model, train
+    from summarizer import generate, model
     from summarizer.config import GenerateConfig, LoraConfig, QuantConfig, TrainConfig
+    from summarizer.speed import merge, switches
+    from summarizer.train import fit as train
 
     preset = OmegaConf.load(ROOT / "conf" / "experiment" / "low_memory_8gb.yaml")
     tcfg = OmegaConf.merge(
@@ -843,9 +846,9 @@ def low_memory(path, tokenizer, train_rows, work: Path) -> dict:
     if has:
         torch.cuda.reset_peak_memory_stats()
     prompts = [r["input_ids"][: tcfg.max_length - 64] for r in rows[:16]]
-    use_merged = generate.use_merged(gcfg, QuantConfig(name="nf4", method="nf4"))
+    use_merged = switches.use_merged(gcfg, QuantConfig(name="nf4", method="nf4"))
     if use_merged:  # as the pipeline would: generate with the dense merged copy
-        lm = model.merged_for_generation(lm)
+        lm = merge.merged_for_generation(lm)
         free()
     generate.summaries(gcfg, lm, tokenizer, prompts, [tokenizer.eos_token_id])
     peak_gen = torch.cuda.max_memory_allocated() / 2**30 if has else None

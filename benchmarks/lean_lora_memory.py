@@ -38,7 +38,7 @@ def saved_bytes(sizes: tuple[int, int, int, int], tokens: int, dropout: float, l
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from summarizer.lean_lora import dropout_recompute
+    from summarizer.speed.lean_lora import dropout_recompute
 
     hidden, inter, heads, kv = sizes
     cfg = LlamaConfig(

@@ -418,3 +418,11 @@ def hydra_subdir(run_dir: str) -> str:
     if not (Path(run_dir) / ".hydra").exists():
         return ".hydra"
     return time.strftime(".hydra-%Y%m%d-%H%M%S")
+
+
+@dataclass
+class SamplerConf:
+    name: str = "tpe"  # tpe | random
+    seed: int | None = 42
+    n_startup_trials: int = 4  # tpe: random trials before the model kicks in
+    multivariate: bool = True  # tpe: model parameters jointly (rank x lr interact)

@@ -251,7 +251,7 @@ def worker_command() -> list[str]:
 
 def launch(cfg: DictConfig, out: Path, nproc: int, tags: dict | None = None) -> float:
     """Train the job in `nproc` worker processes; returns rank 0's objective (result.json)."""
-    from summarizer.sweep import read_result
+    from summarizer.sweep.trial import read_result
 
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,21 +16,13 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from summarizer import (
-    augment,
-    data,
-    distributed,
-    generate,
-    metrics,
-    model,
-    prompt,
-    resume,
-    sweep,
-    tracking,
-    train,
-)
+from summarizer import augment, data, distributed, generate, metrics, model, prompt, tracking
 from summarizer.errors import UserError
 from summarizer.files import write_atomic, write_csv
+from summarizer.speed import merge, switches
+from summarizer.sweep import trial as sweep
+from summarizer.train import callbacks, resume
+from summarizer.train.fit import fit
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +46,12 @@ def run(cfg: DictConfig) -> float:
     metrics.check_task(cfg.task)  # a metric or objective the task cannot score fails now
     # Generation and training switches that would only fail after training fail now.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generate.use_merged(cfg.generate, cfg.quant)
-    generate.use_static(cfg.generate, device, cfg.model.attn_implementation or "sdpa")
+    switches.use_merged(cfg.generate, cfg.quant)
+    switches.use_static(cfg.generate, device, cfg.model.attn_implementation or "sdpa")
     if cfg.stages.train:
-        train.use_liger(cfg.train)
-        train.use_fused_head(cfg.train)
-        train.use_cuda_graph(cfg.train)
+        switches.use_liger(cfg.train)
+        switches.use_fused_head(cfg.train)
+        switches.use_cuda_graph(cfg.train)
     examples = data.load(cfg.data)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
@@ -107,7 +99,9 @@ def run(cfg: DictConfig) -> float:
         tags["resumed_from"] = checkpoint.name
     # In a sweep every DDP rank gets the pruning callback: rank 0 decides, all stop together.
     in_sweep = cfg.trial.number is not None
-    callbacks = [tracking.MlflowMetrics()] + ([sweep.ReportToTrial(trial)] if in_sweep else [])
+    trainer_callbacks = [callbacks.MlflowMetrics()] + (
+        [callbacks.ReportToTrial(trial)] if in_sweep else []
+    )
     params = OmegaConf.to_container(cfg, resolve=True)
     parent = cfg.trial.parent_run_id
     try:
@@ -131,8 +125,15 @@ def run(cfg: DictConfig) -> float:
                     cfg.train.upcast_frozen,
                     seed=cfg.train.seed,
                 )
-                figures = train.fit(
-                    cfg.train, lm, tokenizer, train_rows, eval_rows, out, callbacks, checkpoint
+                figures = fit(
+                    cfg.train,
+                    lm,
+                    tokenizer,
+                    train_rows,
+                    eval_rows,
+                    out,
+                    trainer_callbacks,
+                    checkpoint,
                 )
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
                 if main:  # also without MLflow (benchmarks/ddp.py reads it)
@@ -146,10 +147,10 @@ def run(cfg: DictConfig) -> float:
                 tokenizer.save_pretrained(out / "adapter")
                 if cfg.tracking.log_adapter:
                     tracking.log_artifact(out / "adapter")
-            if (cfg.stages.evaluate or cfg.stages.predict_test) and generate.use_merged(
+            if (cfg.stages.evaluate or cfg.stages.predict_test) and switches.use_merged(
                 cfg.generate, cfg.quant
             ):  # a 4-bit model decodes ~8x slower than a bf16 copy with the adapter merged in
-                lm = model.merged_for_generation(lm)
+                lm = merge.merged_for_generation(lm)
                 base = None
                 model.free_memory()
 
@@ -203,7 +204,7 @@ def predict_test(cfg, lm, tokenizer, encode, stop_id, path: Path) -> None:
 
 def make_encoder(cfg, tokenizer, fmt: str, stop_id: int, shots: prompt.ShotSelector):
     """encode(example, with_summary) -> token ids (+ labels): the one prompt path for training rows,
-    validation and test generation, and `python -m summarizer.predict`."""
+    validation and test generation, and `python -m summarizer.cli.predict`."""
 
     def encode(ex: data.Example, with_summary: bool) -> dict:
         p = prompt.build(

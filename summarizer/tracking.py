@@ -209,32 +209,6 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def __getattr__(name: str):
-    """`MlflowMetrics` is defined on first use: it subclasses transformers' TrainerCallback, an
-    import of 10-15 s on a small CPU that the sweeper process and the report never need."""
-    if name != "MlflowMetrics":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from transformers import TrainerCallback
-
-    class MlflowMetrics(TrainerCallback):
-        """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step."""
-
-        NAMES = {
-            "loss": "train_loss",
-            "eval_loss": "eval_loss",
-            "learning_rate": "lr",
-            "grad_norm": "grad_norm",
-        }
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
-            if metrics:
-                log_metrics(metrics, step=state.global_step)
-
-    globals()["MlflowMetrics"] = MlflowMetrics
-    return MlflowMetrics
-
-
 def parent_run(uri: str, experiment: str, study: str, storage: str) -> str:
     """The MLflow run of a sweep: the existing one for this study (a resumed sweep), else a new one."""
     import mlflow

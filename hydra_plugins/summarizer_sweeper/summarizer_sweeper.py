@@ -1,10 +1,10 @@
 from hydra.core.config_store import ConfigStore
 
-from summarizer.sweeper import SummarizerSweeper, SummarizerSweeperConf
+from summarizer.sweep.sweeper import SummarizerSweeper, SummarizerSweeperConf
 
 
 class SummarizerOptunaSweeper(SummarizerSweeper):
-    """Asynchronous Optuna sweeper with pruning, resume and parallel trials (see summarizer.sweeper)."""
+    """Asynchronous Optuna sweeper with pruning, resume and parallel trials (see summarizer.sweep.sweeper)."""
 
 
 ConfigStore.instance().store(

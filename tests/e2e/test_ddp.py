@@ -135,7 +135,7 @@ def test_a_workers_user_error_is_its_last_line(tmp_path):
 # Two gloo ranks evaluate three times; rank 0's trial says "prune" at step 4.
 PRUNE = """
 import optuna, torch.distributed as dist
-from summarizer.sweep import ReportToTrial
+from summarizer.train.callbacks import ReportToTrial
 dist.init_process_group("gloo")
 class Trial:
     number = 7

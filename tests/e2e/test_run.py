@@ -136,8 +136,8 @@ def test_merge_gives_the_same_model(trained, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from summarizer.cli.merge import merge
     from summarizer.errors import UserError
-    from summarizer.merge import merge
     from summarizer.model import build_model, load_adapter
 
     monkeypatch.chdir(ROOT)
@@ -168,7 +168,7 @@ def test_merge_gives_the_same_model(trained, monkeypatch):
 def test_predict_cli_matches_the_pipeline_submission(trained):
     out = trained / "predict.csv"
     env = {**os.environ, "SUMMARIZER_CACHE": str(trained / "cache"), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "summarizer.predict", str(trained / "train")]
+    cmd = [sys.executable, "-m", "summarizer.cli.predict", str(trained / "train")]
     sample = ROOT / "data" / "samples" / "dialogsum_ko_test.csv"
     proc = subprocess.run(
         [*cmd, "--input", str(sample), "--output", str(out)],

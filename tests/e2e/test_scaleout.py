@@ -21,8 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from summarizer import services
-from summarizer.sweeper import RETRY_OF, WORKER, tally
+from summarizer.sweep import services
+from summarizer.sweep.sweeper import RETRY_OF, WORKER, tally
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,14 @@ def test_three_workers_share_one_study_and_a_killed_workers_trial_is_retried(
     # The report needs only the shared stores: no worker folder is left to read from.
     for w in range(3):
         shutil.rmtree(tmp_path / f"w{w}")
-    report = [sys.executable, "-m", "summarizer.report", study_name, "--storage", shared.storage]
+    report = [
+        sys.executable,
+        "-m",
+        "summarizer.sweep.report",
+        study_name,
+        "--storage",
+        shared.storage,
+    ]
     report += ["--tracking-uri", shared.tracking, "--out", str(tmp_path / "report")]
     proc = subprocess.run(
         report,

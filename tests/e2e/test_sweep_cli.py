@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from summarizer.sweeper import RETRY_OF, resolve_storage
+from summarizer.sweep.sweeper import RETRY_OF, resolve_storage
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from summarizer import data
+from summarizer.cli.predict import predict, run_config
 from summarizer.lists import count_items
 from summarizer.metrics import subq_count
-from summarizer.predict import predict, run_config
 from tests.conftest import ROOT
 from tests.e2e.test_run import run_cli, runs
 

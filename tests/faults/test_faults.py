@@ -380,7 +380,7 @@ def test_nan_loss_stops_at_once_and_fails_the_run(world):
 def test_stop_on_non_finite_names_the_key_and_step():
     from types import SimpleNamespace
 
-    from summarizer.train import StopOnNonFinite
+    from summarizer.train.callbacks import StopOnNonFinite
 
     state = SimpleNamespace(global_step=7)
     StopOnNonFinite().on_log(None, state, None, logs={"loss": 1.5, "eval_loss": 2.0})

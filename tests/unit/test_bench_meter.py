@@ -26,7 +26,7 @@ def _run(meter, steps):
             loader.collate_fn({"num_tokens": tokens})
             meter.on_step_begin(None, state, None)
             for _ in range(captures):
-                logging.getLogger("summarizer.graph_step").info("train.cuda_graph: captured")
+                logging.getLogger("summarizer.speed.graph_step").info("train.cuda_graph: captured")
             clock[0] += seconds
             meter.on_step_end(None, SimpleNamespace(global_step=i + 1), None)
         meter.on_train_end(None, None, None)
@@ -54,7 +54,7 @@ def test_steps_that_capture_a_graph_are_timed_apart():
     assert f["tokens_per_second_whole_run"] == pytest.approx(1000 / 20)
     assert bench.whole_run(f, {"tokens_per_second_whole_run": 25.0}) == "50, 2.00x"
     # the handler is gone after training: a later run's captures are not counted here
-    logging.getLogger("summarizer.graph_step").info("train.cuda_graph: captured")
+    logging.getLogger("summarizer.speed.graph_step").info("train.cuda_graph: captured")
     assert meter.captures.count == 4
     # only the capture lines count
     meter.captures.emit(logging.makeLogRecord({"msg": "train.cuda_graph: rows of 4096"}))

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 
 import pytest
 import torch
 
-from summarizer import graph_step
 from summarizer.config import LoraConfig, TrainConfig
 from summarizer.errors import UserError
 from summarizer.model import add_lora
-from summarizer.packing import collate_packed, pack_bfd
 from summarizer.prompt import IGNORE_INDEX
-from summarizer.train import completion_loss, use_cuda_graph
+from summarizer.speed import graph_step
+from summarizer.speed.packing import collate_packed, pack_bfd
+from summarizer.speed.switches import use_cuda_graph
+from summarizer.train import loss as loss_mod
+from summarizer.train.loss import completion_loss
 from tests.unit.test_train import _rows  # random (prompt, completion) rows
 
 
@@ -121,7 +124,7 @@ def test_the_chunked_head_gives_the_static_rows_loss_and_gradients(tiny, monkeyp
     """static_loss(chunked=True): TRL's tiled log-probabilities at the fixed positions (the fill's
     positions weigh nothing) give the full-logits loss and the same LoRA gradients, in one tile or
     several."""
-    monkeypatch.setattr(graph_step, "CHUNK", chunk)
+    monkeypatch.setattr(loss_mod, "CHUNK", chunk)
     lm = _lora(copy.deepcopy(tiny[0]))
     rows = _rows([(30, 5), (12, 9), (20, 1), (7, 4)], seed=7)
     shape = graph_step.plan([rows], 96, max_length=40, multiple=8)
@@ -135,7 +138,7 @@ def test_the_chunked_head_gives_the_static_rows_loss_and_gradients(tiny, monkeyp
     for chunked in (False, True):
         for p in params:
             p.grad = None
-        loss, out = graph_step.static_loss(lm, batch, 50, chunked=chunked)
+        loss, out = loss_mod.static_loss(lm, batch, 50, chunked=chunked)
         loss.backward()
         losses[chunked], grads[chunked] = loss.item(), [p.grad.clone() for p in params]
     assert out.logits is None  # no logits are made
@@ -184,7 +187,7 @@ def test_graph_replays_the_eager_steps(tiny, lean):
     when a row of a new width is captured mid-accumulation (varlen kernel, bf16 autocast spanning
     the capture as the Trainer's does). lean: with gradient checkpointing (recompute inside the
     graph) and the chunked LM head, against torch's eager checkpoint."""
-    from summarizer.packing import attention
+    from summarizer.speed.packing import attention
 
     lm = _lora(copy.deepcopy(tiny[0])).cuda()
     if lean:
@@ -208,7 +211,7 @@ def test_graph_replays_the_eager_steps(tiny, lean):
         for b, shape in zip(pairs, widths)
     ]
     params = [p for p in lm.parameters() if p.requires_grad]
-    step = graph_step.GraphStep(chunked=lean)
+    step = graph_step.GraphStep(functools.partial(loss_mod.static_loss, chunked=lean))
     gen = torch.Generator("cuda").manual_seed(0)
 
     def bf16():
@@ -222,7 +225,7 @@ def test_graph_replays_the_eager_steps(tiny, lean):
             eager = []
             for b in pair:
                 with bf16():
-                    loss = graph_step.static_loss(lm, b, n, chunked=lean)[0]
+                    loss = loss_mod.static_loss(lm, b, n, chunked=lean)[0]
                 loss.backward()
                 eager.append(loss.item())
             del loss  # a live eager autograd graph would tie the capture to the default stream
@@ -300,7 +303,7 @@ def test_fit_with_the_cuda_graph_trains_as_eager(tmp_path, cache_dir, pack_token
     """train.cuda_graph=true through the Trainer (its optimizer, clipping, schedule): the same
     steps and losses as train.cuda_graph=false, and generation works afterwards. checkpointing:
     the memory-bounded path (recompute in the graph, the chunked LM head: fused_lm_head=auto)."""
-    from summarizer.train import fit
+    from summarizer.train.fit import fit
 
     rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52, 44, 38, 50, 35)], 3)
     figures = {}
@@ -346,11 +349,11 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
 ):
     """auto: a model the graph cannot capture trains eagerly on the static rows, to the same loss
     as a run without the graph; true: a one-line error naming the cause (CPU: a stand-in graph)."""
-    import summarizer.train as train_mod
-    from summarizer.train import fit
+    import summarizer.train.fit as train_mod
+    from summarizer.train.fit import fit
 
     class Uncapturable:
-        def __init__(self, chunked=False):  # as fit builds it
+        def __init__(self, loss):  # as fit builds it
             pass
 
         def __call__(self, model, batch, num_items):
@@ -387,7 +390,7 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
 def test_a_model_that_reads_values_on_the_host_falls_back_to_eager(tmp_path, cache_dir):
     """A real capture failure (the LM head reads a value on the host, as data-dependent models
     do): auto trains eagerly, true names the cause."""
-    from summarizer.train import fit
+    from summarizer.train.fit import fit
 
     rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 6)
     for choice in ("auto", "true"):

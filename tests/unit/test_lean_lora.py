@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from summarizer import lean_lora
+from summarizer.speed import lean_lora
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -144,7 +144,7 @@ def test_fit_trains_through_it_when_asked(tmp_path, cache_dir, monkeypatch):
     from summarizer.config import ModelConfig, QuantConfig, TrainConfig
     from summarizer.model import add_lora, build_model
     from summarizer.prompt import IGNORE_INDEX
-    from summarizer.train import fit
+    from summarizer.train.fit import fit
 
     calls = []
     apply = lean_lora._DropoutLoRA.apply

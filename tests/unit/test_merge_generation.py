@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from summarizer.config import LoraConfig, ModelConfig, QuantConfig
-from summarizer.model import add_lora, build_model, merged_for_generation
+from summarizer.model import add_lora, build_model
+from summarizer.speed.merge import merged_for_generation
 
 pytest.importorskip("bitsandbytes")
 

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from summarizer.packing import collate_packed, pack_bfd
 from summarizer.prompt import IGNORE_INDEX
-from summarizer.train import collate, completion_loss
+from summarizer.speed.packing import collate_packed, pack_bfd
+from summarizer.train.loss import collate, completion_loss
 
 
 def test_bfd_bins_respect_the_budget_and_keep_every_row():
@@ -62,7 +62,7 @@ def test_varlen_attention_function_matches_sdpa(tiny, monkeypatch):
     heads and the causal window reach the kernel right."""
     import torch.nn.attention.varlen as varlen
 
-    from summarizer import packing
+    from summarizer.speed import packing
 
     def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw):
         assert window_size == (-1, 0), window_size

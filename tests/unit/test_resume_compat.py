@@ -9,7 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from summarizer.resume import _changes
+from summarizer.train.resume import _changes
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -47,7 +47,7 @@ def test_a_real_change_still_blocks(tmp_path):
 
 def test_a_folder_whose_run_stopped_before_producing_anything_can_be_reused(tmp_path):
     from summarizer.errors import UserError
-    from summarizer.resume import prepare
+    from summarizer.train.resume import prepare
 
     cfg = _cfg()
     (tmp_path / "config.yaml").write_text("stopped: early\n")  # e.g. the data file was missing

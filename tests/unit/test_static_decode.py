@@ -13,12 +13,9 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qw
 
 from summarizer.config import GenerateConfig
 from summarizer.errors import UserError
-from summarizer.generate import (
-    NewlineAfterText,
-    greedy_static,
-    summaries,
-    use_static,
-)
+from summarizer.generate import NewlineAfterText, summaries
+from summarizer.speed.static_decode import greedy_static
+from summarizer.speed.switches import use_static
 
 VOCAB = 300
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4)

@@ -10,8 +10,17 @@ from optuna.trial import TrialState
 
 from summarizer.config import PrunerConfig, TrialConfig
 from summarizer.errors import UserError
-from summarizer.sweep import ReportToTrial, attach, build_pruner
-from summarizer.sweeper import INTERRUPTED, RETRY_OF, open_study, requeue, resolve_storage, tally
+from summarizer.sweep.pruners import build_pruner
+from summarizer.sweep.sweeper import (
+    INTERRUPTED,
+    RETRY_OF,
+    open_study,
+    requeue,
+    resolve_storage,
+    tally,
+)
+from summarizer.sweep.trial import attach
+from summarizer.train.callbacks import ReportToTrial
 
 
 @pytest.fixture
@@ -86,7 +95,7 @@ def test_unknown_pruner():
 
 
 def test_failure_line_says_why_a_trial_failed(tmp_path):
-    from summarizer.sweeper import failure_line
+    from summarizer.sweep.sweeper import failure_line
 
     log = tmp_path / "job.log"
     log.write_text("step 1\r step 2\nerror: train.lr=-1.0 must be > 0\n")

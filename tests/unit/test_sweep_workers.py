@@ -15,10 +15,10 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from summarizer import services
 from summarizer.errors import UserError
-from summarizer.report import summary
-from summarizer.sweeper import (
+from summarizer.sweep import services
+from summarizer.sweep.report import summary
+from summarizer.sweep.sweeper import (
     RETRY_OF,
     WORKER,
     SummarizerSweeper,

@@ -11,13 +11,10 @@ from summarizer.config import LoraConfig, TrainConfig
 from summarizer.errors import UserError
 from summarizer.model import add_lora
 from summarizer.prompt import IGNORE_INDEX
-from summarizer.train import (
-    collate,
-    completion_loss,
-    resolve_checkpoint,
-    training_args,
-    use_liger,
-)
+from summarizer.speed.switches import use_liger
+from summarizer.train.checkpoints import resolve_checkpoint
+from summarizer.train.loss import collate, completion_loss
+from summarizer.train.trainer import training_args
 
 ROWS = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE_INDEX] * 3 + [8, 9]},
@@ -74,7 +71,7 @@ def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed, de
 
     from trl.trainer.utils import add_fused_lm_head
 
-    from summarizer.packing import attention, collate_packed
+    from summarizer.speed.packing import attention, collate_packed
 
     base = copy.deepcopy(tiny[0])
     add_fused_lm_head(base)
@@ -96,7 +93,7 @@ def test_fused_lm_head_loss_and_gradients_match_the_logits_path(tiny, packed, de
 
 
 def test_fused_lm_head_choice(tmp_path, monkeypatch):
-    from summarizer.train import use_fused_head
+    from summarizer.speed.switches import use_fused_head
 
     assert use_fused_head(TrainConfig(fused_lm_head="true"))
     assert not use_fused_head(TrainConfig(fused_lm_head="false"))
@@ -222,7 +219,7 @@ def test_completion_loss_drops_the_trainers_skip_logits(tiny):
 
 def test_one_process_never_uses_data_parallel(tmp_path, monkeypatch):
     # HF counts every visible GPU (n_gpu) and wraps the model in nn.DataParallel, which TRL refuses
-    from summarizer import train as train_mod
+    from summarizer.train import trainer as train_mod
 
     class TwoGpus(train_mod.SFTConfig):
         def __post_init__(self):
@@ -240,7 +237,7 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
     (LoRA dropout off: compiled and eager code draw different random masks)."""
     from summarizer.config import ModelConfig, QuantConfig
     from summarizer.model import build_model
-    from summarizer.train import fit
+    from summarizer.train.fit import fit
 
     rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 0, (5, 500))
     figures = {}
@@ -277,10 +274,10 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_fit_with_the_fused_lm_head_trains_as_without(tmp_path, cache_dir, monkeypatch):
     """train.fused_lm_head=true reaches the trainer's loss: the same packed steps, the same losses."""
-    import summarizer.train as train_mod
+    import summarizer.train.trainer as train_mod
     from summarizer.config import ModelConfig, QuantConfig
     from summarizer.model import build_model
-    from summarizer.train import fit
+    from summarizer.train.fit import fit
 
     seen = []
 
@@ -306,7 +303,7 @@ def test_fit_with_the_fused_lm_head_trains_as_without(tmp_path, cache_dir, monke
 
 
 def test_compile_needs_decoder_layers():
-    from summarizer.train import compiled_layers
+    from summarizer.speed.compile import compiled_layers
 
     with pytest.raises(UserError, match="train.compile=true: no decoder layers"):
         with compiled_layers(torch.nn.Linear(2, 2)):
@@ -322,7 +319,7 @@ def test_mixed_precision_training_leaves_the_model_in_its_own_dtype(tmp_path, ca
     from summarizer.config import GenerateConfig, ModelConfig, QuantConfig
     from summarizer.generate import summaries
     from summarizer.model import build_model
-    from summarizer.train import fit
+    from summarizer.train.fit import fit
 
     base, tok = build_model(
         ModelConfig(name="tiny", source="tiny", dtype="float32", attn_implementation="eager"),

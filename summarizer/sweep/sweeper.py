@@ -67,8 +67,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import _convert_old_distribution_to_new_distribution
 from optuna.trial import TrialState
 
+from summarizer.config import SamplerConf
 from summarizer.errors import UserError, first_line, log_tail
-from summarizer.services import pid_alive
+from summarizer.sweep.pruners import build_sampler
+from summarizer.sweep.services import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +82,8 @@ JOINED = "sweepers_joined"  # study user attr: sweeper processes started on it (
 
 
 @dataclass
-class SamplerConf:
-    name: str = "tpe"  # tpe | random
-    seed: int | None = 42
-    n_startup_trials: int = 4  # tpe: random trials before the model kicks in
-    multivariate: bool = True  # tpe: model parameters jointly (rank x lr interact)
-
-
-@dataclass
 class SummarizerSweeperConf:
-    _target_: str = "summarizer.sweeper.SummarizerSweeper"
+    _target_: str = "summarizer.sweep.sweeper.SummarizerSweeper"
     study_name: str = "sweep"
     storage: str = (
         "sqlite:///multirun/optuna.db"  # relative sqlite paths: against the launch folder
@@ -212,21 +206,6 @@ def storage_lock(url: str, study: str) -> Iterator[None]:
             shown(url),
         )
     yield
-
-
-def build_sampler(conf: SamplerConf | None, offset: int = 0) -> optuna.samplers.BaseSampler | None:
-    """The study's sampler, its seed shifted by `offset`: the n-th sweeper process to join a study
-    draws with seed + n, else workers started together would all sample the same parameters."""
-    if conf is None:
-        return None
-    seed = None if conf.seed is None else conf.seed + offset
-    if conf.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if conf.name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=conf.n_startup_trials, multivariate=conf.multivariate
-        )
-    raise UserError(f"hydra.sweeper.sampler.name={conf.name!r}: expected tpe or random")
 
 
 def open_study(
@@ -805,7 +784,7 @@ class SummarizerSweeper(Sweeper):
         else:
             status = "KILLED"
         if self.conf.report:
-            from summarizer.report import report
+            from summarizer.sweep.report import report
 
             try:
                 report(

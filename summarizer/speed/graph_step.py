@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from summarizer import packing
 from summarizer.prompt import IGNORE_INDEX
+from summarizer.speed import packing
 
 log = logging.getLogger(__name__)
 
@@ -155,73 +155,6 @@ def collate_static(rows: list[dict], pad_token_id: int, shape: Shape) -> dict:
     return batch
 
 
-CHUNK = 32768  # vocabulary tile of the chunked head (TRL's fused_lm_head uses the same)
-
-
-def static_loss(model, batch: dict, num_items: torch.Tensor | int | None, chunked: bool = False):
-    """(summed cross-entropy at the batch's fixed loss positions / num_items (default: its own
-    count of targets), model outputs). Only tensor ops of fixed shapes: capturable.
-    chunked: the LM head in vocabulary tiles, recomputed in the backward (train.fused_lm_head):
-    the (positions x vocabulary) logits, their fp32 copy and their gradient are never held."""
-    inputs = {
-        "input_ids": batch["input_ids"],
-        "position_ids": batch["position_ids"],
-        "cu_seq_lens_q": batch["cu_seq_lens_q"],
-        "cu_seq_lens_k": batch["cu_seq_lens_k"],
-        "max_length_q": batch["max_length_q"],
-        "max_length_k": batch["max_length_k"],
-        "use_cache": False,
-    }
-    targets = batch[TARGETS]
-    supervised = targets != IGNORE_INDEX
-    count = supervised.sum() if num_items is None else num_items
-    if chunked:
-        loss, outputs = _chunked_head_loss(model, inputs, batch[POSITIONS], targets, supervised)
-    else:
-        outputs = model(**inputs, logits_to_keep=batch[POSITIONS])
-        loss = torch.nn.functional.cross_entropy(
-            outputs.logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), outputs
-
-
-def _chunked_head_loss(model, inputs, positions, targets, supervised):
-    """Summed cross-entropy of the head's tiles at `positions`: the backbone's hidden states there,
-    through TRL's ChunkedLogProbFunction (shapes fixed, no nonzero(): the fill's positions get
-    target 0 and weight 0), with the logit scale and softcap the model's own head applies."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    from trl.kernels import ChunkedLogProbFunction
-
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text = causal.config.get_text_config()
-    hidden = causal.base_model(**inputs).last_hidden_state[0].index_select(0, positions)
-    head = causal.get_output_embeddings()
-    log_probs = ChunkedLogProbFunction.apply(
-        hidden,
-        head.weight,
-        head.bias,
-        targets.clamp(min=0),
-        1.0,  # temperature
-        CHUNK,
-        getattr(text, "final_logit_softcapping", None),
-        _logit_scale(text),
-        (),  # only the log-probabilities
-    )[0]
-    loss = -(log_probs * supervised).sum()
-    return loss, CausalLMOutputWithPast(loss=loss)
-
-
-def _logit_scale(text) -> float:
-    """The factor a model's head multiplies its logits by, read as TRL's add_fused_lm_head does."""
-    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        if getattr(text, key, None) is not None:
-            return float(getattr(text, key))
-    scaling = getattr(text, "logits_scaling", None)  # Granite, MiniCPM3 divide; HyperCLOVA X not
-    if scaling is not None:
-        return float(scaling if text.model_type == "hyperclovax" else 1 / scaling)
-    return 1.0
-
-
 class CaptureError(RuntimeError):
     """The step could not be captured (an op that syncs with the host or changes shape)."""
 
@@ -248,9 +181,11 @@ class GraphStep:
     calls its forward + backward; it returns the (detached) loss. The graphs share one memory pool
     (they never run at once), so the widest one captured sets the memory."""
 
-    def __init__(self, warmup: int = 2, chunked: bool = False):
+    def __init__(self, loss, warmup: int = 2):
+        # loss(model, batch, num_items) -> (loss, outputs): the training loss on a static row
+        # (train.loss.static_loss), passed in so that every loss variant stays in one module
+        self.loss = loss
         self.warmup = warmup  # eager steps before the first capture; later shapes take one
-        self.chunked = chunked  # static_loss's chunked LM head (train.fused_lm_head)
         self.graphs: dict[tuple[int, int, int], _Captured] = {}
         self.pool = None  # the first graph's memory pool, shared by the others
         self.count: torch.Tensor | None = None  # num_items, a device scalar
@@ -297,7 +232,7 @@ class GraphStep:
         inputs["max_length_k"] = batch["max_length_k"]
 
         def step():
-            loss = static_loss(model, inputs, self.count, self.chunked)[0]
+            loss = self.loss(model, inputs, self.count)[0]
             loss.backward()
             return loss
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from summarizer.errors import UserError
-from summarizer.sweep import read_result
+from summarizer.sweep.trial import read_result
 from summarizer.tracking import flatten
-from summarizer.train import last_good_checkpoint
+from summarizer.train.checkpoints import last_good_checkpoint
 
 log = logging.getLogger(__name__)
 

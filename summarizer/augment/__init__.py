@@ -874,7 +874,7 @@ def _local_model_config(preset: str | None, run_model):
     from summarizer.config import ModelConfig
 
     if preset:
-        path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{preset}.yaml"
+        path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{preset}.yaml"
         if not path.is_file():
             options = sorted(p.stem for p in path.parent.glob("*.yaml"))
             raise UserError(

@@ -2,9 +2,9 @@
 (two databases: `optuna` for the study, `mlflow` for MLflow's backend store) and one MLflow tracking
 server that keeps artifacts in a local folder and serves them to every worker.
 
-    python -m summarizer.services up   [--dir .services] [--host 127.0.0.1] [--pg-port 5433] ...
-    python -m summarizer.services down [--dir .services]
-    python -m summarizer.services env  [--dir .services]      # print the exports again
+    python -m summarizer.sweep.services up   [--dir .services] [--host 127.0.0.1] [--pg-port 5433] ...
+    python -m summarizer.sweep.services down [--dir .services]
+    python -m summarizer.sweep.services env  [--dir .services]      # print the exports again
 
 (`make services-up` / `make services-down`.) `up` prints the URLs to give the workers; the database
 password stays out of them: workers export PGPASSWORD, which libpq (psycopg) reads, so it reaches no
@@ -341,7 +341,7 @@ def down(root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m summarizer.services", description=__doc__.split("\n")[0]
+        prog="python -m summarizer.sweep.services", description=__doc__.split("\n")[0]
     )
     p.add_argument("action", choices=["up", "down", "env"])
     p.add_argument("--dir", type=Path, default=Path(".services"), help="data, logs, password")

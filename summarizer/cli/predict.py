@@ -1,7 +1,7 @@
 """Summarise new dialogues with a trained run: base model + its adapter (or a merged model).
 
-    python -m summarizer.predict outputs/<day>/<run> --input dialogues.csv [--output preds.csv]
-    echo "#Person1#: ... " | python -m summarizer.predict outputs/<day>/<run> --input -
+    python -m summarizer.cli.predict outputs/<day>/<run> --input dialogues.csv [--output preds.csv]
+    echo "#Person1#: ... " | python -m summarizer.cli.predict outputs/<day>/<run> --input -
 
 The run's saved config.yaml fixes the model, task, prompt and few-shot settings, so prompts are built
 exactly as in training (few-shot examples come from the run's training split, read from its data
@@ -21,10 +21,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from summarizer import data, generate, model, pipeline, prompt
+from summarizer import data, model, pipeline, prompt
 from summarizer.config import Config
 from summarizer.errors import UserError
 from summarizer.files import write_csv
+from summarizer.speed import merge, switches
 
 
 def run_config(run_dir: Path):
@@ -64,8 +65,8 @@ def predict(
         cfg.quant.method = "none"
     base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
     lm = base if merged else model.load_adapter(base, str(adapter or run_dir / "adapter"))
-    if not merged and generate.use_merged(cfg.generate, cfg.quant):  # as the pipeline generates
-        lm = model.merged_for_generation(lm)
+    if not merged and switches.use_merged(cfg.generate, cfg.quant):  # as the pipeline generates
+        lm = merge.merged_for_generation(lm)
     fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
     stop_id = model.stop_token_id(cfg.model, tokenizer)
     shots = prompt.ShotSelector(cfg.prompt.fewshot, train_ex)
@@ -75,7 +76,7 @@ def predict(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m summarizer.predict", description=__doc__.split("\n")[0]
+        prog="python -m summarizer.cli.predict", description=__doc__.split("\n")[0]
     )
     p.add_argument("run", type=Path, help="a run folder (config.yaml, split.json, adapter/)")
     p.add_argument(
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="default: <input>.predictions.csv")
     p.add_argument("--adapter", type=Path, default=None, help="default: <run>/adapter")
     p.add_argument(
-        "--merged", type=Path, default=None, help="a merged model (python -m summarizer.merge)"
+        "--merged", type=Path, default=None, help="a merged model (python -m summarizer.cli.merge)"
     )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

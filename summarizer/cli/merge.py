@@ -1,6 +1,6 @@
 """Merge a trained LoRA adapter into its base model and save a standalone model folder.
 
-    python -m summarizer.merge outputs/<day>/<run>/adapter merged/my-model [--dtype bfloat16]
+    python -m summarizer.cli.merge outputs/<day>/<run>/adapter merged/my-model [--dtype bfloat16]
 
 The base model is the one the run trained on (read from the run's config.yaml beside the adapter),
 loaded unquantized: merging into 4-bit weights would round the LoRA update away. Merged models
@@ -50,7 +50,7 @@ def merge(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m summarizer.merge", description=__doc__.split("\n")[0]
+        prog="python -m summarizer.cli.merge", description=__doc__.split("\n")[0]
     )
     parser.add_argument("adapter", type=Path, help="a run's adapter folder")
     parser.add_argument("output", type=Path, help="new folder for the merged model")

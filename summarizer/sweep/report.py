@@ -1,13 +1,13 @@
 """Sweep report: best-trial summary and Optuna's plots, written to a folder and to the sweep's
 parent MLflow run. Runs at the end of every sweep; `make sweep-report SWEEP=<name>` regenerates it.
 
-    python -m summarizer.report <study> [--storage sqlite:///multirun/optuna.db] [--out DIR]
+    python -m summarizer.sweep.report <study> [--storage sqlite:///multirun/optuna.db] [--out DIR]
         [--tracking-uri sqlite:///mlflow.db]
 
 Everything comes from the shared stores — the study (trials, best trial, its metrics and adapter
 path) and the MLflow server — so any machine of a multi-machine sweep can make it:
 
-    python -m summarizer.report tiny_cpu --storage $SWEEP_STORAGE --tracking-uri $TRACKING_URI
+    python -m summarizer.sweep.report tiny_cpu --storage $SWEEP_STORAGE --tracking-uri $TRACKING_URI
 """
 
 from __future__ import annotations
@@ -128,11 +128,11 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | N
 
 def main(argv: list[str] | None = None) -> int:
     from summarizer.errors import UserError
-    from summarizer.sweeper import check_storage, resolve_storage, shown
+    from summarizer.sweep.sweeper import check_storage, resolve_storage, shown
     from summarizer.tracking import preflight, resolve_uri
 
     p = argparse.ArgumentParser(
-        prog="python -m summarizer.report", description=__doc__.split("\n")[0]
+        prog="python -m summarizer.sweep.report", description=__doc__.split("\n")[0]
     )
     p.add_argument("study", help="the sweep's study name (its sweep config's name)")
     p.add_argument("--storage", default="sqlite:///multirun/optuna.db")

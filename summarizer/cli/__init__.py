@@ -1,0 +1,1 @@
+"""Command-line tools beside the main job: predict, merge, baselines."""

@@ -1,0 +1,50 @@
+"""The trial side of a sweep: a job started by the sweeper attaches to its Optuna trial through the
+shared storage, reports -eval_loss at each evaluation so the study's pruner can stop it early, and
+leaves `result.json` for the sweeper to `tell` the outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import optuna
+
+from summarizer.config import TrialConfig
+from summarizer.errors import UserError
+from summarizer.files import write_atomic
+from summarizer.sweep.pruners import build_pruner
+
+log = logging.getLogger(__name__)
+
+
+def attach(cfg: TrialConfig) -> optuna.Trial | None:
+    """The Optuna trial this job runs, or None outside a sweep."""
+    if cfg.number is None:
+        return None
+    if not cfg.storage or not cfg.study:
+        raise UserError("trial.number is set but trial.storage / trial.study are not")
+    study = optuna.load_study(
+        study_name=cfg.study, storage=cfg.storage, pruner=build_pruner(cfg.pruner)
+    )
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, cfg.number)
+    state = study._storage.get_trial(trial_id).state
+    if state != optuna.trial.TrialState.RUNNING:  # e.g. a queued job whose worker died meanwhile
+        raise UserError(
+            f"trial {cfg.number} of study {cfg.study!r} is {state.name}, not RUNNING: its sweeper "
+            "gave it up (or another worker retried it); this job stops"
+        )
+    return optuna.trial.Trial(study, trial_id)
+
+
+def write_result(out_dir: Path, state: str, value: float | None, **extra) -> None:
+    write_atomic(
+        out_dir / "result.json", json.dumps({"state": state, "value": value, **extra}, indent=2)
+    )
+
+
+def read_result(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

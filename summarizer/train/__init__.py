@@ -1,0 +1,1 @@
+"""Training: the loss, the trainer, checkpoints and resume, callbacks, and `fit`."""

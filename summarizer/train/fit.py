@@ -1,0 +1,176 @@
+"""Fine-tune the LoRA model with TRL's SFTTrainer on pre-tokenized, completion-only examples."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+from transformers import EarlyStoppingCallback
+
+from summarizer import distributed
+from summarizer.config import TrainConfig
+from summarizer.errors import UserError
+from summarizer.speed import graph_step, lean_lora, packing
+from summarizer.speed.compile import compiled_layers
+from summarizer.speed.switches import use_cuda_graph, use_fused_head
+from summarizer.train import loss
+from summarizer.train.callbacks import StopOnNonFinite
+from summarizer.train.checkpoints import _resume_state, resolve_checkpoint, verify_checkpoint
+from summarizer.train.trainer import CompletionOnlyTrainer, _packs_bins, training_args
+
+log = logging.getLogger(__name__)
+
+
+def fit(
+    cfg: TrainConfig,
+    model,
+    tokenizer,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    output_dir: Path,
+    callbacks: list | None = None,
+    resume_from: str | Path | None = None,
+) -> dict:
+    """Train in place; returns loss and throughput figures. Checkpoints go to output_dir/checkpoints.
+    `resume_from` (train.resume's checkpoint) wins over `cfg.resume_from`."""
+
+    args = training_args(cfg, output_dir / "checkpoints")
+    graphed = use_cuda_graph(cfg)
+    binned, shapes = _packs_bins(cfg), []
+    if binned:
+        # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
+        budget = cfg.pack_tokens or cfg.batch_size * cfg.max_length
+        train_bins, eval_bins = _bins(train_rows, budget), _bins(eval_rows, budget)
+        train_ds = _packed_dataset(train_bins)
+        eval_ds = _packed_dataset(eval_bins) if eval_rows else None
+        log.info(
+            "packing: %d training rows into %d rows of <= %d tokens",
+            len(train_rows),
+            len(train_ds),
+            budget,
+        )
+        if graphed:  # every row in one static shape, as the graph replays it
+            bins = train_bins + eval_bins
+            shapes = [graph_step.plan(bins, budget, cfg.max_length, cfg.pack_multiple)]
+    else:
+        train_ds = _dataset(train_rows)
+        eval_ds = _dataset(eval_rows) if eval_rows else None
+        if graphed:  # a few static shapes any batch fits (the sampler's batches are not known)
+            most = max(cfg.batch_size, cfg.eval_batch_size if eval_rows else 0)
+            rows = train_rows + eval_rows
+            shapes = graph_step.plan_batches(rows, most, cfg.max_length, cfg.pack_multiple)
+    if shapes:
+        log.info("train.cuda_graph: rows of %s", ", ".join(map(str, shapes)))
+
+    def collator(items):
+        rows = [r for item in items for r in _unbin(item)] if binned else items
+        if shapes:
+            shape = graph_step.pick(shapes, rows)
+            return graph_step.collate_static(rows, tokenizer.pad_token_id, shape)
+        if cfg.packing:  # bins, or (pack_tokens=0) the padded path's batches, each into one row
+            return packing.collate_packed(rows, tokenizer.pad_token_id, cfg.pack_multiple)
+        return loss.collate(rows, tokenizer.pad_token_id)
+
+    if args.eval_strategy != "no" and eval_ds is None:
+        raise UserError("train.eval_strategy needs validation rows (data.val_size > 0)")
+    extra = list(callbacks or []) + [StopOnNonFinite()]
+    if args.load_best_model_at_end:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = CompletionOnlyTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=extra,
+    )
+    trainer.fused_lm_head = use_fused_head(cfg)
+    trainer.graph_step = (
+        graph_step.GraphStep(functools.partial(loss.static_loss, chunked=trainer.fused_lm_head))
+        if graphed
+        else None
+    )
+    trainer.graph_required = str(cfg.cuda_graph).lower() == "true"
+    resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
+    if not resume and cfg.resume_from:
+        resume = resolve_checkpoint(cfg.resume_from)
+        verify_checkpoint(resume, "train.resume_from")
+    start_step, loss_sum = 0, None
+    if resume:
+        start_step, loss_sum = _resume_state(Path(resume))
+        trainer.loss_before = loss_sum or 0.0
+        log.info("resuming from %s (step %d)", resume, start_step)
+    start = time.perf_counter()
+    # while the Trainer runs (its evaluations included); each is undone on the way out
+    with (
+        packing.attention(model, cfg.packing),
+        lean_lora.dropout_recompute(model, cfg.lora_dropout_recompute),
+        compiled_layers(model, cfg.compile),
+    ):
+        result = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - start
+        eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
+    captures = []  # each graph's warm-up + capture: seconds inside train_seconds
+    if trainer.graph_step is not None:
+        captures = trainer.graph_step.capture_seconds
+        trainer.graph_step.close()
+    # Mixed precision: accelerate wrapped model.forward in autocast; unwrap it so generation runs
+    # in the model's own dtype, as `predict` later does (a static KV cache also needs one dtype).
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    loss_avg = float(result.training_loss)  # HF's: over the steps of this call only
+    if loss_sum is not None and result.global_step:
+        ran = result.global_step - start_step
+        loss_avg = (loss_sum + loss_avg * ran) / result.global_step
+    tokens = distributed.all_sum(trainer.tokens_seen)  # DDP: all ranks' tokens, the job's rate
+    figures = {
+        "train_loss_avg": loss_avg,
+        "train_steps": int(result.global_step),
+        "train_seconds": seconds,
+        "train_tokens_per_second": tokens / seconds if seconds else 0.0,
+    }
+    if eval_loss is not None:
+        figures["eval_loss"] = eval_loss
+    if captures:  # one-off costs: a short run's tokens/s is below the steady rate
+        figures["train_graph_captures"] = len(captures)
+        figures["train_graph_capture_seconds"] = sum(captures)
+    return figures
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in ("input_ids", "labels")})
+
+
+def _bins(rows: list[dict], budget: int) -> list[list[dict]]:
+    return [
+        [rows[i] for i in b] for b in packing.pack_bfd([len(r["input_ids"]) for r in rows], budget)
+    ]
+
+
+def _packed_dataset(bins: list[list[dict]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [[r["input_ids"] for r in b] for b in bins],
+            "labels": [[r["labels"] for r in b] for b in bins],
+        }
+    )
+
+
+def _unbin(item: dict) -> list[dict]:
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(item["input_ids"], item["labels"])]
+
+
+def _final_eval_loss(trainer, eval_ds) -> float:
+    """Eval loss of the model as it leaves training, without a second pass when one just ran."""
+    if trainer.args.load_best_model_at_end and trainer.state.best_metric is not None:
+        return float(trainer.state.best_metric)
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if evals and evals[-1].get("step") == trainer.state.global_step:
+        return float(evals[-1]["eval_loss"])
+    return float(trainer.evaluate(eval_ds)["eval_loss"])
