@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from summarizer import compat
 from summarizer.config import GenerateConfig
 from summarizer.speed.static_decode import NEWLINE, NL_AFTER_TEXT, TEXT, _token_kinds, greedy_static
 from summarizer.speed.switches import use_static
@@ -82,7 +83,7 @@ def summaries(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    static = use_static(cfg, device, model.config._attn_implementation)
+    static = use_static(cfg, device, compat.attention_implementation(model))
     # the newline rule's table of token kinds, on the device once for every batch
     kinds = _token_kinds(tokenizer).to(device) if static and cfg.stop_at_newline else None
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", unit="batch"):

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from summarizer import compat
 from summarizer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,4 +35,4 @@ def compiled_layers(model, on: bool = True):
         yield
     finally:
         for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: back to eager
+            compat.uncompile(layer)  # back to eager

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from summarizer import compat
 from summarizer.prompt import IGNORE_INDEX
 from summarizer.speed import packing
 
@@ -203,7 +204,7 @@ class GraphStep:
             # the optimizer step set the grads to None (zero_grad): a new step starts from zero
             for p, g in zip(self.params, self.grads):
                 p.grad = g
-            torch._foreach_zero_(self.grads)
+            compat.zero_(self.grads)
         captured.graph.replay()
         return captured.loss.clone()
 
@@ -259,7 +260,7 @@ class GraphStep:
         for p, g in zip(self.params, self.grads):
             p.grad = g
         if new_step:
-            torch._foreach_zero_(self.grads)
+            compat.zero_(self.grads)
         # Autocast caches its casts of the fp32 LoRA weights until the outermost autocast exits;
         # the Trainer's context spans the warm-up and the capture, so the graph would reuse the
         # warm-up's bf16 copies and never see the weights change: drop them, cast inside the graph.

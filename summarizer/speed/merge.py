@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from summarizer import compat
 from summarizer.model import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def _dense_weight(layer, dequantize) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward on a CPU
         # (bitsandbytes 0.50): undo that layout before dequantizing, as its own .cuda() does.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+        from bitsandbytes.functional import dequantize_4bit
 
-        data, state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+        data, state = compat.unpack_cpu_4bit(layer.weight.data, state)
         return dequantize_4bit(data, state).float()
     return dequantize(layer.weight, getattr(layer, "state", None)).float()

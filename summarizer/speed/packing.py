@@ -23,6 +23,7 @@ import inspect
 
 import torch
 
+from summarizer import compat
 from summarizer.prompt import IGNORE_INDEX
 
 ATTENTION = "summarizer_varlen"
@@ -101,7 +102,7 @@ def attention(model, packed: bool):
     """Train packed rows with the varlen kernel where there is one; put the model's own attention
     back afterwards (generation with a KV cache needs it)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = inner.config._attn_implementation
+    before = compat.attention_implementation(inner)
     use = packed and varlen_available()
     if use:
         register()

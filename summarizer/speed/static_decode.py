@@ -10,7 +10,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from summarizer import errors
+from summarizer import compat, errors
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def greedy_static(
     types = set(getattr(config, "layer_types", None) or ())
     window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
 
-    impl = model.config._attn_implementation
+    impl = compat.attention_implementation(model)
     if impl not in STATIC_ATTENTION:
         raise ValueError(f"greedy_static: attention {impl!r} is not one of {STATIC_ATTENTION}")
     low = torch.finfo(model.dtype).min

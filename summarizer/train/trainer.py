@@ -12,6 +12,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
+from summarizer import compat
 from summarizer.config import TrainConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
@@ -40,8 +41,7 @@ class CompletionOnlyTrainer(SFTTrainer):
         )
         if self.args.should_save:
             # HF keeps the loss sum in memory only: a resumed run would average its own steps alone.
-            total = self.loss_before + getattr(self, "_total_loss_scalar", 0.0)
-            total += float(getattr(self, "_tr_loss", 0.0))  # steps since the last log
+            total = self.loss_before + compat.trainer_loss_sum(self)
             state = {"train_loss_sum": total, "global_step": self.state.global_step}
             write_atomic(folder / LOSS_STATE, json.dumps(state))
         super()._save_checkpoint(model, trial)  # ends with trainer_state.json
@@ -158,7 +158,7 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         # One process on a host with several GPUs: the model sits on one GPU, and HF would wrap it
         # in nn.DataParallel (TRL refuses; trainer=ddp is the way to use them all). HF's Trainer
         # sets the same for a model spread over GPUs.
-        args._n_gpu = 1
+        compat.use_one_gpu(args)
     return args
 
 
