@@ -54,10 +54,10 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CREDENTIAL|AUTH", re.IGNORECAS
 def _secrets() -> tuple[str, ...]:
     """Values never to log: those of variables named like a key, token or password, in the
     environment or in `.env` of the launch folder (8 characters or more: no short word is masked)."""
-    from summarizer.augment import read_dotenv
+    from dotenv import dotenv_values
 
-    sources = (os.environ, read_dotenv(Path.cwd() / ".env"))
-    values = {v.strip() for src in sources for k, v in src.items() if _SECRET_NAME.search(k)}
+    sources = (os.environ, dotenv_values(Path.cwd() / ".env", interpolate=False))
+    values = {v.strip() for src in sources for k, v in src.items() if v and _SECRET_NAME.search(k)}
     return tuple(sorted((v for v in values if len(v) >= 8), key=len, reverse=True))
 
 

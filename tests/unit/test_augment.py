@@ -10,11 +10,13 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from summarizer import augment, data, prompt
-from summarizer.augment import TOKEN, check_row, filter_rows, swap_speakers
-from summarizer.config import AugmentFilterConfig, ModelConfig, QuantConfig
+from summarizer.augment import cache, methods
+from summarizer.augment.filters import check_row, filter_rows
+from summarizer.augment.text import TOKEN, split_turn, swap_speakers
+from summarizer.config import AugmentationConfig, AugmentFilterConfig, ModelConfig, QuantConfig
 from summarizer.errors import UserError
 from tests.conftest import SAMPLE_KO
 from tests.unit.test_config import _compose, options
@@ -99,6 +101,60 @@ def test_a_missing_language_entry_names_the_key(rows, tmp_path):
         run(cfg, rows[:3], tmp_path)
 
 
+# --- the method registry -------------------------------------------------------------------------
+
+
+def test_the_registry_matches_the_options_dataclasses():
+    cfg = OmegaConf.structured(AugmentationConfig)
+    switchable = [k for k, v in cfg.items() if isinstance(v, DictConfig) and "enabled" in v]
+    assert set(switchable) == set(methods.METHODS) and augment.METHODS == tuple(methods.METHODS)
+    for name, m in methods.METHODS.items():
+        assert m.name == name and m.kind in methods.KINDS and m.make.__name__ == name
+    assert {n for n, m in methods.METHODS.items() if m.api} == {
+        "paraphrase",
+        "back_translation",
+        "synthetic",
+    }
+
+
+def test_an_unknown_method_is_one_clear_line(rows, tmp_path):
+    with pytest.raises(UserError) as e:
+        methods.get("shout")
+    assert str(e.value).startswith("augmentation.shout: no such method (methods: speaker_swap, ")
+    assert "summarizer/augment/methods.py" in str(e.value) and "\n" not in str(e.value)
+    cfg = group("speaker_swap")
+    OmegaConf.set_struct(cfg, False)
+    cfg.shout = {"enabled": True}  # switched on in the config, no function registered
+    with pytest.raises(UserError, match=r"^augmentation.shout: no such method"):
+        run(cfg, rows[:3], tmp_path)
+    assert not (tmp_path / "augment").exists()  # before any work
+    cfg.shout.enabled = False
+    _, stats = run(cfg, rows[:3], tmp_path)
+    assert stats["aug_kept_speaker_swap"] == 3
+
+
+def test_a_registered_function_is_a_whole_method(rows, tmp_path, monkeypatch):
+    """The path in methods.py's docstring: one registered function and an options node; the
+    seeded `fraction` pick, the filters (by its kind), the figures and the set cache follow."""
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))  # registrations undone after
+
+    @methods.method(kind="copy")
+    def shout(sub, rows, ctx):
+        return [(replace(ex, summary=ex.summary + "!", source="shout"), ex) for ex in rows]
+
+    cfg = group("none")
+    OmegaConf.set_struct(cfg, False)
+    cfg.shout = {"enabled": True, "fraction": 0.5}
+    result, stats = run(cfg, rows[:10], tmp_path)
+    assert stats["aug_kept_shout"] == 5 and stats["aug_rows_after"] == 15
+    assert [r.id for r in result[10:]] == [
+        ex.id for ex in methods.pick(rows[:10], 0.5, cfg.seed, "shout")
+    ]
+    assert all(r.summary.endswith("!") for r in result[10:])
+    again, stats = run(cfg, rows[:10], tmp_path)
+    assert again == result and stats["aug_set_reused"] == 1
+
+
 # --- speaker swap --------------------------------------------------------------------------------
 
 
@@ -167,7 +223,7 @@ def reason(row, ref, train, f=None):
 def reverse_words(dialogue: str) -> str:
     lines = []
     for line in dialogue.split("\n"):
-        tag, text = augment._split_turn(line)
+        tag, text = split_turn(line)
         lines.append(tag + " ".join(reversed(text.split())))
     return "\n".join(lines)
 
@@ -193,7 +249,7 @@ def test_each_filter_drops_what_it_should(rows):
     def each_line(words: str) -> str:  # every turn and token kept, the words replaced
         out = []
         for line in lines:
-            tag, text = augment._split_turn(line)
+            tag, text = split_turn(line)
             out.append(tag + " ".join([*TOKEN.findall(text), words]))
         return "\n".join(out)
 
@@ -203,7 +259,7 @@ def test_each_filter_drops_what_it_should(rows):
     english = each_line("Sure, I can call you back later at the office today.")
     assert reason(para(english), ex, rows) == "language"
     assert reason(para(""), ex, rows) == "empty"
-    blank_turn = "\n".join([augment._split_turn(lines[0])[0], *lines[1:]])
+    blank_turn = "\n".join([split_turn(lines[0])[0], *lines[1:]])
     assert reason(para(blank_turn), ex, rows) == "empty"
     # A looser filter lets them through.
     loose = AugmentFilterConfig(keep_tokens=False, min_length_ratio=0.01, min_language_share=0)
@@ -280,10 +336,10 @@ def test_the_set_is_made_once_and_reused(rows, tmp_path):
 
 def test_what_the_set_identity_depends_on(rows):
     cfg = group("speaker_swap", "paraphrase")
-    methods = ["speaker_swap", "paraphrase"]
+    names = ["speaker_swap", "paraphrase"]
 
-    def digest(c=cfg, train=rows[:10], m=methods):
-        return augment.set_digest(c, m, train, "ko", None)
+    def digest(c=cfg, train=rows[:10], m=names):
+        return cache.set_digest(c, m, train, "ko", None)
 
     base = digest()
     assert digest() == base

@@ -1,8 +1,9 @@
 """API augmentation against a real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions
-protocol, with deterministic replies: no mock in place of the client. Paraphrase end to end, the
-reply cache (a rerun sends nothing), 401 / 429 / 500 / timeouts, resume after a failure half-way,
-concurrency and rate limiting, back-translation, synthetic pairs, and the key kept out of messages
-and files."""
+protocol, with deterministic replies: the `openai` client talks to it through `base_url`, no mock in
+its place. Paraphrase end to end, the reply cache (a rerun sends nothing), 401 / 404 / 429 (with
+Retry-After) / 500 / timeouts / an unreachable endpoint / replies that are not chat completions,
+resume after a failure half-way, concurrency and rate limiting, back-translation, synthetic pairs,
+.env reading, and the key kept out of messages and files."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from summarizer import augment, data
+from summarizer.augment import client
+from summarizer.augment.text import split_turn
 from summarizer.config import AugmentationConfig
 from summarizer.errors import UserError
 from tests.conftest import SAMPLE_KO
@@ -29,7 +32,7 @@ def reverse_words(dialogue: str) -> str:
     """The server's 'paraphrase': each utterance's words in reverse order (tags and tokens kept)."""
     out = []
     for line in dialogue.split("\n"):
-        tag, text = augment._split_turn(line)
+        tag, text = split_turn(line)
         out.append(tag + " ".join(reversed(text.split())))
     return "\n".join(out)
 
@@ -37,7 +40,7 @@ def reverse_words(dialogue: str) -> str:
 def rotate_words(text: str) -> str:
     out = []
     for line in text.split("\n"):
-        tag, words = augment._split_turn(line)[0], augment._split_turn(line)[1].split()
+        tag, words = split_turn(line)[0], split_turn(line)[1].split()
         out.append(tag + " ".join(words[1:] + words[:1]))
     return "\n".join(out)
 
@@ -69,8 +72,10 @@ def reply_for(system: str, user: str) -> str:
 class ChatServer:
     """OpenAI-compatible `POST /v1/chat/completions` on 127.0.0.1 (a free port), in a thread.
 
-    `script`: behaviours for the next requests, in order (401, 429, 500 or 'slow'); then
-    `default` ('ok', 401, 500 or 'slow'); after `fail_after` good replies, every request gets 500.
+    `script`: behaviours for the next requests, in order (401, 429, 500, 'slow', 'garbage': a 200
+    that is not JSON, 'no_choices': a 200 without choices); then `default` (any of these, or
+    'ok'); after `fail_after` good replies, every request gets 500. A 429 carries
+    `Retry-After: <retry_after>`.
     """
 
     def __init__(self):
@@ -80,6 +85,8 @@ class ChatServer:
         self.fail_after: int | None = None
         self.delay = 0.0  # seconds before every reply
         self.slow_seconds = 1.0
+        self.retry_after = "0"
+        self.times: list[float] = []  # when each request arrived (monotonic)
         self.answered = 0
         self.inflight = self.max_inflight = 0
         self.lock = threading.Lock()
@@ -109,6 +116,7 @@ class ChatServer:
         auth = h.headers.get("Authorization", "")
         with self.lock:
             self.requests.append({"auth": auth, "body": body})
+            self.times.append(time.monotonic())
             action = self.script.pop(0) if self.script else self.default
             if self.fail_after is not None and self.answered >= self.fail_after:
                 action = 500
@@ -121,9 +129,14 @@ class ChatServer:
             if action == 401:  # like real APIs, echo part of the key: the client must mask it
                 return self.send(h, 401, {"error": {"message": f"Incorrect API key: {auth}"}})
             if action == 429:
-                return self.send(h, 429, {"error": {"message": "rate limit"}}, {"Retry-After": "0"})
+                retry = {"Retry-After": self.retry_after}
+                return self.send(h, 429, {"error": {"message": "rate limit"}}, retry)
             if action == 500:
                 return self.send(h, 500, {"error": {"message": "server error"}})
+            if action == "garbage":
+                return self.send_raw(h, 200, b"<html>not an API</html>", "text/html")
+            if action == "no_choices":
+                return self.send(h, 200, {"id": "chatcmpl-test", "object": "chat.completion"})
             if action == "slow":
                 time.sleep(self.slow_seconds)
             messages = body["messages"]
@@ -152,11 +165,15 @@ class ChatServer:
             with self.lock:
                 self.inflight -= 1
 
-    @staticmethod
-    def send(h, status: int, payload: dict, headers: dict | None = None) -> None:
+    @classmethod
+    def send(cls, h, status: int, payload: dict, headers: dict | None = None) -> None:
         raw = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        cls.send_raw(h, status, raw, "application/json", headers)
+
+    @staticmethod
+    def send_raw(h, status: int, raw: bytes, kind: str, headers: dict | None = None) -> None:
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", kind)
         h.send_header("Content-Length", str(len(raw)))
         for name, value in (headers or {}).items():
             h.send_header(name, value)
@@ -359,7 +376,8 @@ def test_missing_key_is_a_clear_error_and_dotenv_works(server, rows, tmp_path, m
     assert server.requests[0]["auth"] == "Bearer sk-from-dotenv"
 
 
-def test_key_env_null_sends_no_key(server, rows, tmp_path):
+def test_key_env_null_sends_no_key(server, rows, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-not-for-this-endpoint")  # never picked up
     cfg = aug(server, tmp_path, paraphrase=PARA)
     cfg.api.key_env = None
     run(cfg, rows[:1], tmp_path)
@@ -444,15 +462,111 @@ def test_the_key_is_in_no_file_and_no_figure(server, rows, tmp_path):
     assert KEY not in json.dumps(stats)
 
 
-def test_mask_and_dotenv_parsing(tmp_path):
-    assert augment.mask(f"bad key {KEY} (Authorization: Bearer {KEY})", KEY) == (
+def test_mask_and_dotenv_parsing(tmp_path, monkeypatch):
+    assert client.mask(f"bad key {KEY} (Authorization: Bearer {KEY})", KEY) == (
         "bad key *** (Authorization: Bearer ***)"
     )
-    assert augment.mask("Bearer other-token", None) == "Bearer ***"
-    env = tmp_path / ".env"
-    env.write_text('A=1\n# c\nexport B="two words"\nC=x # note\n\nbad line\n')
-    assert augment.read_dotenv(env) == {"A": "1", "B": "two words", "C": "x"}
-    assert augment.read_dotenv(tmp_path / "none") == {}
+    assert client.mask("Bearer other-token", None) == "Bearer ***"
+    # .env in the launch folder (the fixture's chdir): export, quotes, comments, a bad line, and
+    # a value taken literally (no ${...} expansion); the environment wins over it.
+    (tmp_path / ".env").write_text(
+        'A=1\n# c\nexport B="two words"\nC=x # note\n\nbad line\nD=sk-${NOT_EXPANDED}\n'
+    )
+    api = AugmentationConfig().api
+    monkeypatch.delenv("UPSTAGE_API_KEY")
+    for name, value in {"A": "1", "B": "two words", "C": "x", "D": "sk-${NOT_EXPANDED}"}.items():
+        api.key_env = name
+        assert client.api_key(api) == value
+    monkeypatch.setenv("A", "from-env")
+    api.key_env = "A"
+    assert client.api_key(api) == "from-env"
+    api.key_env = "MISSING"
+    with pytest.raises(UserError, match="no API key: set MISSING"):
+        client.api_key(api)
+    (tmp_path / ".env").unlink()
+    api.key_env = "B"
+    with pytest.raises(UserError, match="no API key: set B"):
+        client.api_key(api)
+
+
+def test_the_openai_client_is_used_with_its_own_retries_off(server, rows, tmp_path, monkeypatch):
+    """The requests come from the openai package, and a 500 is tried once with max_retries=0:
+    the library's retry loop never adds requests of its own."""
+    calls = []
+    real = client.openai.OpenAI
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(client.openai, "OpenAI", spy)
+    server.default = 500
+    cfg = aug(server, tmp_path, paraphrase=PARA)
+    cfg.api.max_retries = 0
+    cfg.api.concurrency = 1
+    with pytest.raises(UserError, match=r"failed 1 time\(s\), last: HTTP 500"):
+        run(cfg, rows[:1], tmp_path)
+    assert len(server.requests) == 1
+    (kwargs,) = calls
+    assert kwargs["max_retries"] == 0 and kwargs["base_url"] == server.url
+
+
+def test_retry_after_is_honoured_and_an_exhausted_rate_limit_is_named(server, rows, tmp_path):
+    server.retry_after = "0.4"
+    server.script = [429]
+    cfg = aug(server, tmp_path, paraphrase=PARA)
+    cfg.api.concurrency = 1
+    cfg.api.max_wait = 5.0  # the cap on a Retry-After; the usual backoff stays at 0.01 s
+    run(cfg, rows[:1], tmp_path)
+    assert len(server.requests) == 2 and server.times[1] - server.times[0] >= 0.35
+
+    server.retry_after = "0"
+    server.default = 429
+    cfg.api.max_retries = 2
+    with pytest.raises(UserError) as e:
+        run(cfg, rows[1:2], tmp_path)
+    message = str(e.value)
+    assert "failed 3 time(s), last: HTTP 429" in message and "rate limit" in message
+    assert "augmentation.api.requests_per_minute" in message and "\n" not in message
+
+
+def test_an_unreachable_endpoint_is_one_clear_line(server, rows, tmp_path):
+    cfg = aug(server, tmp_path, paraphrase=PARA)
+    server.close()  # nothing listens on that port any more
+    cfg.api.max_retries = 1
+    with pytest.raises(UserError) as e:
+        run(cfg, rows[:1], tmp_path)
+    message = str(e.value)
+    assert f"{server.url}/chat/completions failed 2 time(s), last: ConnectError" in message
+    assert "cannot be reached: check augmentation.api.base_url" in message
+    assert "0 of 1 replies are cached" in message and "\n" not in message and KEY not in message
+
+
+@pytest.mark.parametrize("reply", ["garbage", "no_choices"])
+def test_a_reply_that_is_not_a_chat_completion_is_retried_then_named(server, rows, tmp_path, reply):
+    server.script = [reply]
+    cfg = aug(server, tmp_path, paraphrase=PARA)
+    cfg.api.concurrency = 1
+    _, stats = run(cfg, rows[:1], tmp_path)
+    assert len(server.requests) == 2 and stats["aug_rows_kept"] == 1
+
+    server.default = reply
+    cfg.api.max_retries = 1
+    with pytest.raises(UserError) as e:
+        run(cfg, rows[1:2], tmp_path)
+    message = str(e.value)
+    assert "failed 2 time(s), last: unreadable reply" in message
+    assert "not a chat-completions reply" in message and "\n" not in message
+
+
+def test_a_client_error_fails_at_once_naming_base_url_and_model(server, rows, tmp_path):
+    cfg = aug(server, tmp_path, paraphrase=PARA)
+    cfg.api.base_url = server.url + "/wrong"  # the server answers 404
+    with pytest.raises(UserError) as e:
+        run(cfg, rows[:2], tmp_path)
+    message = str(e.value)
+    assert "answered HTTP 404" in message and "augmentation.api.model=solar-pro" in message
+    assert len(server.requests) <= cfg.api.concurrency  # no retries
 
 
 def test_parallel_trials_make_the_set_once(server, rows, tmp_path):
