@@ -12,7 +12,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from summarizer import compat
 from summarizer.config import GenerateConfig
 from summarizer.speed.static_decode import NEWLINE, NL_AFTER_TEXT, TEXT, _token_kinds, greedy_static
-from summarizer.speed.switches import use_static
+from summarizer.speed.switches import GeneratePlan, generate_plan
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,15 @@ def clean(text: str, stop_at_newline: bool, stop_at_blank_line: bool = False) ->
 
 
 def summaries(
-    cfg: GenerateConfig, model, tokenizer, prompts: list[list[int]], stop_token_ids: list[int]
+    cfg: GenerateConfig,
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    stop_token_ids: list[int],
+    plan: GeneratePlan | None = None,
 ) -> list[str]:
-    """Generate one summary per tokenized prompt, returned in the input order."""
+    """Generate one summary per tokenized prompt, returned in the input order. `plan`: the run's
+    resolved switches (None: resolved here for this model, for a caller outside the pipeline)."""
     if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
         raise ValueError("generate.batch_size and generate.max_new_tokens must be >= 1")
     model.eval()
@@ -83,7 +89,9 @@ def summaries(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    static = use_static(cfg, device, compat.attention_implementation(model))
+    if plan is None:
+        plan = generate_plan(cfg, None, device, compat.attention_implementation(model))
+    static = plan.static
     # the newline rule's table of token kinds, on the device once for every batch
     kinds = _token_kinds(tokenizer).to(device) if static and cfg.stop_at_newline else None
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", unit="batch"):

@@ -22,10 +22,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from summarizer import data, model, pipeline, prompt
+from summarizer import plan as preflight
 from summarizer.config import Config
 from summarizer.errors import UserError
 from summarizer.files import write_csv
-from summarizer.speed import merge, switches
+from summarizer.speed import merge
 
 
 def run_config(run_dir: Path):
@@ -63,15 +64,16 @@ def predict(
     if merged:
         cfg.model.source, cfg.model.path = "local", str(merged)
         cfg.quant.method = "none"
+    run_plan = preflight.make(OmegaConf.merge(cfg, {"stages": {"train": False}}))
     base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
     lm = base if merged else model.load_adapter(base, str(adapter or run_dir / "adapter"))
-    if not merged and switches.use_merged(cfg.generate, cfg.quant):  # as the pipeline generates
+    if not merged and run_plan.generate.merged:  # as the pipeline generates
         lm = merge.merged_for_generation(lm)
     fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
     stop_id = model.stop_token_id(cfg.model, tokenizer)
     shots = prompt.ShotSelector(cfg.prompt.fewshot, train_ex)
     encode = pipeline.make_encoder(cfg, tokenizer, fmt, stop_id, shots)
-    return pipeline.summarize(cfg, lm, tokenizer, rows, encode, stop_id)
+    return pipeline.summarize(cfg, lm, tokenizer, rows, encode, stop_id, run_plan.generate)
 
 
 def main(argv: list[str] | None = None) -> int:

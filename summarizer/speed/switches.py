@@ -1,29 +1,110 @@
-"""Each speed switch's auto | true | false setting resolved against the machine and the config:
-auto turns a switch on where it applies, true insists (a one-line error names what is in the way).
+"""The speed switches of a run, resolved once into a frozen plan the stages read.
+
+Each switch is `auto | true | false` (parsed by `setting`, the one place that reads them): auto
+turns it on where it applies on this machine and config, true insists (a one-line error names what
+is in the way), false keeps it off. `train_plan` and `generate_plan` resolve them, with the other
+machine-dependent choices (precision, optimizer), before the model loads; `summarizer.plan.make`
+calls them for a run and the stages only read the result. A new switch is a field of a plan, its
+resolver here, and its use in the stage.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from summarizer import distributed
 from summarizer.config import GenerateConfig, TrainConfig
 from summarizer.errors import UserError
 from summarizer.speed.static_decode import STATIC_ATTENTION
 
 log = logging.getLogger(__name__)
 
+SETTINGS = ("auto", "true", "false")
+
+
+def setting(value, key: str) -> str:
+    """A switch's value as auto, true or false (YAML may hand over a bool); else a one-line error."""
+    choice = str(value).lower()
+    if choice not in SETTINGS:
+        raise UserError(f"{key}={value!r}: expected auto, true or false")
+    return choice
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    precision: str  # fp32 | bf16 | fp16 (train.precision=auto resolved)
+    optim: str  # the HF optimizer name (train.optim=auto resolved)
+    liger: bool  # Liger's Triton kernels patched in (train.liger)
+    fused_lm_head: bool  # the loss through TRL's chunked LM head (train.fused_lm_head)
+    cuda_graph: bool  # forward + backward replayed as CUDA graphs (train.cuda_graph)
+    cuda_graph_required: bool  # train.cuda_graph=true: a step that cannot be captured is an error
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    merged: bool  # generate with a merged bf16 copy of a quantized model (generate.merge)
+    static: bool  # greedy decoding with a static KV cache and CUDA graphs (generate.static_decode)
+
+
+def precision(cfg: TrainConfig) -> str:
+    on_gpu = torch.cuda.is_available()
+    choice = cfg.precision
+    if choice == "auto":
+        choice = (
+            "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp16" if on_gpu else "fp32"
+        )
+    if choice not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"train.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
+    return choice
+
+
+def train_plan(cfg: TrainConfig, world_size: int = 1) -> TrainPlan:
+    """The training settings checked and every auto switch resolved, before the model loads."""
+    if cfg.lr <= 0:
+        raise UserError(f"train.lr={cfg.lr} must be > 0")
+    if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
+        raise UserError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.eval_strategy not in ("steps", "epoch", "no"):
+        raise UserError(f"train.eval_strategy={cfg.eval_strategy!r}: expected steps, epoch or no")
+    if cfg.pack_tokens is not None and cfg.pack_tokens < 0:
+        raise UserError(f"train.pack_tokens={cfg.pack_tokens}: expected null, 0 or a token count")
+    if cfg.pack_multiple < 1:
+        raise UserError(f"train.pack_multiple={cfg.pack_multiple}: expected a token count >= 1")
+    early_stop = cfg.eval_strategy != "no" and cfg.early_stopping_patience > 0
+    if early_stop and cfg.eval_strategy == "steps" and cfg.save_steps % cfg.eval_steps:
+        raise UserError(
+            f"train.save_steps={cfg.save_steps} must be a multiple of train.eval_steps={cfg.eval_steps} "
+            "for early stopping to keep the best checkpoint"
+        )
+    on_gpu = torch.cuda.is_available()
+    return TrainPlan(
+        precision=precision(cfg),
+        optim=cfg.optim
+        if cfg.optim != "auto"
+        else ("paged_adamw_32bit" if on_gpu else "adamw_torch"),
+        liger=use_liger(cfg),
+        fused_lm_head=use_fused_head(cfg),
+        cuda_graph=use_cuda_graph(cfg, world_size),
+        cuda_graph_required=setting(cfg.cuda_graph, "train.cuda_graph") == "true",
+    )
+
+
+def generate_plan(
+    cfg: GenerateConfig, quant, device: torch.device, attention: str = "sdpa"
+) -> GeneratePlan:
+    """quant: the model's quantization (None: the model at hand is what generates)."""
+    merged = use_merged(cfg, quant) if quant is not None else False
+    return GeneratePlan(merged=merged, static=use_static(cfg, device, attention))
+
 
 def use_liger(cfg: TrainConfig) -> bool:
     """train.liger: auto = on a CUDA GPU when liger-kernel is installed; true insists on both.
     Off under train.compile: dynamo cannot trace Liger's Triton kernels (it fails on them), and
     inductor fuses the norms, activations and rotary embeddings itself."""
-    choice = str(cfg.liger).lower()
-    if choice not in ("auto", "true", "false"):
-        raise UserError(f"train.liger={cfg.liger!r}: expected auto, true or false")
+    choice = setting(cfg.liger, "train.liger")
     if choice == "true" and cfg.compile:
         raise UserError(
             "train.liger=true and train.compile=true do not combine (torch.compile cannot trace "
@@ -45,25 +126,20 @@ def use_fused_head(cfg: TrainConfig) -> bool:
     buys: on a 1B shape at 8k tokens a step it cut peak memory 3.67 -> 2.71 GiB, and without
     checkpointing 17.6 -> 15.8 GiB for 8 % fewer tokens/s (benchmarks/RESULTS.md). Off CUDA TRL's
     chunked head projects every position (~3x slower than our logits_to_keep on CPU)."""
-    choice = str(cfg.fused_lm_head).lower()
-    if choice not in ("auto", "true", "false"):
-        raise UserError(f"train.fused_lm_head={cfg.fused_lm_head!r}: expected auto, true or false")
+    choice = setting(cfg.fused_lm_head, "train.fused_lm_head")
     if choice == "auto":
         return torch.cuda.is_available() and cfg.gradient_checkpointing
     return choice == "true"
 
 
-def use_cuda_graph(cfg: TrainConfig) -> bool:
+def use_cuda_graph(cfg: TrainConfig, world_size: int = 1) -> bool:
     """train.cuda_graph: auto = on where the graph applies (below); true insists, naming what is in
     the way. A graph replays fixed shapes and fixed memory with no host work, so it needs packed
     rows (each padded to one static shape), a CUDA GPU and one process, and excludes what varies
     per step on the host or is unverified under capture."""
-    choice = str(cfg.cuda_graph).lower()
-    if choice not in ("auto", "true", "false"):
-        raise UserError(f"train.cuda_graph={cfg.cuda_graph!r}: expected auto, true or false")
+    choice = setting(cfg.cuda_graph, "train.cuda_graph")
     if choice == "false":
         return False
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     conflicts = [
         (not torch.cuda.is_available(), "a CUDA GPU"),
         (not cfg.packing, "train.packing=true (packed rows)"),
@@ -71,10 +147,10 @@ def use_cuda_graph(cfg: TrainConfig) -> bool:
         # its seeds come from the host: a graph would replay the same masks every step
         (cfg.lora_dropout_recompute, "train.lora_dropout_recompute=false"),
         (
-            cfg.precision == "fp16" or (cfg.precision == "auto" and not bf16),
+            precision(cfg) == "fp16",
             "train.precision bf16 or fp32 (fp16's loss scaling checks for inf on the host)",
         ),
-        (distributed.world_size() > 1, "one process (not trainer=ddp)"),
+        (world_size > 1, "one process (not distributed=ddp)"),
     ]
     missing = [need for bad, need in conflicts if bad]
     if choice == "true" and missing:
@@ -84,9 +160,7 @@ def use_cuda_graph(cfg: TrainConfig) -> bool:
 
 def use_merged(cfg: GenerateConfig, quant) -> bool:
     """Whether to generate with a merged bf16 copy of the model (see GenerateConfig.merge)."""
-    choice = str(cfg.merge).lower()
-    if choice not in ("auto", "true", "false"):
-        raise UserError(f"generate.merge={cfg.merge!r}: expected auto, true or false")
+    choice = setting(cfg.merge, "generate.merge")
     if choice == "auto":
         return torch.cuda.is_available() and quant.method != "none"
     return choice == "true"
@@ -94,11 +168,7 @@ def use_merged(cfg: GenerateConfig, quant) -> bool:
 
 def use_static(cfg: GenerateConfig, device: torch.device, attention: str = "sdpa") -> bool:
     """Whether to decode with `greedy_static` (see GenerateConfig.static_decode)."""
-    choice = str(cfg.static_decode).lower()
-    if choice not in ("auto", "true", "false"):
-        raise UserError(
-            f"generate.static_decode={cfg.static_decode!r}: expected auto, true or false"
-        )
+    choice = setting(cfg.static_decode, "generate.static_decode")
     plain_greedy = (
         cfg.num_beams == 1
         and not cfg.do_sample

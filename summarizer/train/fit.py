@@ -14,7 +14,7 @@ from summarizer.config import TrainConfig
 from summarizer.errors import UserError
 from summarizer.speed import graph_step, lean_lora, packing
 from summarizer.speed.compile import compiled_layers
-from summarizer.speed.switches import use_cuda_graph, use_fused_head
+from summarizer.speed.switches import TrainPlan, train_plan
 from summarizer.train import loss
 from summarizer.train.callbacks import StopOnNonFinite
 from summarizer.train.checkpoints import _resume_state, resolve_checkpoint, verify_checkpoint
@@ -32,12 +32,15 @@ def fit(
     output_dir: Path,
     callbacks: list | None = None,
     resume_from: str | Path | None = None,
+    plan: TrainPlan | None = None,
 ) -> dict:
     """Train in place; returns loss and throughput figures. Checkpoints go to output_dir/checkpoints.
     `resume_from` (train.resume's checkpoint) wins over `cfg.resume_from`."""
 
-    args = training_args(cfg, output_dir / "checkpoints")
-    graphed = use_cuda_graph(cfg)
+    # the pipeline passes the run's plan; a caller outside it (a benchmark) gets one resolved here
+    plan = plan or train_plan(cfg, distributed.world_size())
+    args = training_args(cfg, output_dir / "checkpoints", plan)
+    graphed = plan.cuda_graph
     binned, shapes = _packs_bins(cfg), []
     if binned:
         # One dataset item = one bin of examples packed into a row (batch size 1 bin per device).
@@ -87,13 +90,13 @@ def fit(
         data_collator=collator,
         callbacks=extra,
     )
-    trainer.fused_lm_head = use_fused_head(cfg)
+    trainer.fused_lm_head = plan.fused_lm_head
     trainer.graph_step = (
         graph_step.GraphStep(functools.partial(loss.static_loss, chunked=trainer.fused_lm_head))
         if graphed
         else None
     )
-    trainer.graph_required = str(cfg.cuda_graph).lower() == "true"
+    trainer.graph_required = plan.cuda_graph_required
     resume = str(resume_from) if resume_from else None  # checked by last_good_checkpoint
     if not resume and cfg.resume_from:
         resume = resolve_checkpoint(cfg.resume_from)

@@ -18,7 +18,7 @@ from summarizer.errors import UserError
 from summarizer.files import write_atomic
 from summarizer.prompt import IGNORE_INDEX
 from summarizer.speed import graph_step
-from summarizer.speed.switches import use_liger
+from summarizer.speed.switches import TrainPlan, train_plan
 from summarizer.train.checkpoints import LOSS_STATE, write_manifest
 from summarizer.train.loss import completion_loss
 
@@ -82,40 +82,18 @@ class CompletionOnlyTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
+def training_args(cfg: TrainConfig, output_dir: Path, plan: TrainPlan | None = None) -> SFTConfig:
+    """The SFTConfig of a run's `train` settings; `plan` is the run's resolved switches (None:
+    resolved here, for a caller outside the pipeline)."""
+    plan = plan or train_plan(cfg)
     on_gpu = torch.cuda.is_available()
-    if cfg.lr <= 0:
-        raise UserError(f"train.lr={cfg.lr} must be > 0")
-    if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
-        raise UserError("train.batch_size and train.grad_accum must be >= 1")
-    if cfg.eval_strategy not in ("steps", "epoch", "no"):
-        raise UserError(f"train.eval_strategy={cfg.eval_strategy!r}: expected steps, epoch or no")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = (
-            "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
-        )
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"train.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
     bins = _packs_bins(cfg)
-    if cfg.pack_tokens is not None and cfg.pack_tokens < 0:
-        raise UserError(f"train.pack_tokens={cfg.pack_tokens}: expected null, 0 or a token count")
-    if cfg.pack_multiple < 1:
-        raise UserError(f"train.pack_multiple={cfg.pack_multiple}: expected a token count >= 1")
-    optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if on_gpu else "adamw_torch")
-    evaluate = cfg.eval_strategy != "no"
-    early_stop = evaluate and cfg.early_stopping_patience > 0
-    if early_stop and cfg.eval_strategy == "steps" and cfg.save_steps % cfg.eval_steps:
-        raise UserError(
-            f"train.save_steps={cfg.save_steps} must be a multiple of train.eval_steps={cfg.eval_steps} "
-            "for early stopping to keep the best checkpoint"
-        )
-    liger = use_liger(cfg)
+    early_stop = cfg.eval_strategy != "no" and cfg.early_stopping_patience > 0
     args = SFTConfig(
         output_dir=str(output_dir),
         # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the model by the Trainer,
         # as TRL's use_liger_kernel does; our loss asks for logits at supervised positions only
-        use_liger_kernel=liger,
+        use_liger_kernel=plan.liger,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
@@ -129,9 +107,9 @@ def training_args(cfg: TrainConfig, output_dir: Path) -> SFTConfig:
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim=optim,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        optim=plan.optim,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
         eval_strategy=cfg.eval_strategy,
         eval_steps=cfg.eval_steps,
         save_strategy=cfg.eval_strategy if early_stop else "steps",

@@ -174,9 +174,8 @@ def test_cuda_graph_choice(monkeypatch):
         assert not use_cuda_graph(TrainConfig(cuda_graph="auto", **cfg)), change
         with pytest.raises(UserError, match=f"train.cuda_graph=true needs {need}"):
             use_cuda_graph(TrainConfig(cuda_graph="true", **cfg))
-    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="needs one process"):
-        use_cuda_graph(TrainConfig(cuda_graph="true", **packed))
+        use_cuda_graph(TrainConfig(cuda_graph="true", **packed), world_size=2)
 
 
 @pytest.mark.gpu
@@ -349,7 +348,7 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
 ):
     """auto: a model the graph cannot capture trains eagerly on the static rows, to the same loss
     as a run without the graph; true: a one-line error naming the cause (CPU: a stand-in graph)."""
-    import summarizer.train.fit as train_mod
+    from summarizer.speed.switches import TrainPlan
     from summarizer.train.fit import fit
 
     class Uncapturable:
@@ -367,7 +366,8 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
     rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 5)
     losses = {}
     for graphed in (False, True):
-        monkeypatch.setattr(train_mod, "use_cuda_graph", lambda cfg, on=graphed: on)
+        # the plan says graph (as train_plan would on a GPU); the stand-in cannot capture
+        plan = TrainPlan("fp32", "adamw_torch", False, False, graphed, choice == "true")
         monkeypatch.setattr(graph_step, "GraphStep", Uncapturable)
         base, tok = _fresh_tiny(cache_dir)
         lm = _lora(base)
@@ -377,9 +377,9 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_or_fails_clearly(
         )  # fmt: skip
         if graphed and choice == "true":
             with pytest.raises(UserError, match="train.cuda_graph=true: the training step cannot"):
-                fit(cfg, lm, tok, rows, [], tmp_path / "true")
+                fit(cfg, lm, tok, rows, [], tmp_path / "true", plan=plan)
             return
-        figures = fit(cfg, lm, tok, rows, [], tmp_path / str(graphed))
+        figures = fit(cfg, lm, tok, rows, [], tmp_path / str(graphed), plan=plan)
         assert figures["train_steps"] == 3 and figures["train_tokens_per_second"] > 0
         losses[graphed] = figures["train_loss_avg"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -1,0 +1,54 @@
+"""Preflight: everything a run will need checked, and every `auto` switch resolved, before any
+data or model is loaded — so a bad value fails in a second, not after hours of training.
+
+`make(cfg)` returns the run's `Plan`, frozen; the pipeline hands its parts to the stages
+(`fit(..., plan=plan.train)`, `summaries(..., plan=plan.generate)`), which only read it. Nothing
+else decides a switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from summarizer import distributed, metrics
+from summarizer.errors import UserError
+from summarizer.speed.switches import GeneratePlan, TrainPlan, generate_plan, train_plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str  # cuda | cpu
+    world_size: int  # processes training this run (distributed=ddp: one per GPU)
+    train: TrainPlan | None  # None: stages.train=false
+    generate: GeneratePlan
+
+
+def make(cfg) -> Plan:
+    metrics.check_task(cfg.task)  # a metric or objective the task cannot score
+    metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
+    check_generate(cfg.generate)
+    if cfg.stages.predict_test and not cfg.data.test_path:
+        raise UserError("stages.predict_test=true needs data.test_path")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = distributed.world_size()
+    attention = cfg.model.attn_implementation or "sdpa"  # what transformers loads by default
+    return Plan(
+        device=device.type,
+        world_size=world,
+        train=train_plan(cfg.train, world) if cfg.stages.train else None,
+        generate=generate_plan(cfg.generate, cfg.quant, device, attention),
+    )
+
+
+def check_generate(cfg) -> None:
+    """Generation settings that would otherwise fail only after training."""
+    for key in ("batch_size", "max_new_tokens", "num_beams"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"generate.{key}={getattr(cfg, key)}: expected a number >= 1")
+    if cfg.do_sample and cfg.temperature <= 0:
+        raise UserError(
+            f"generate.temperature={cfg.temperature} with generate.do_sample=true: expected > 0 "
+            "(or do_sample=false for greedy decoding)"
+        )
