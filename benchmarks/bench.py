@@ -772,22 +772,22 @@ def speed(t: dict, n: int) -> dict:
     }
 
 
+class _Ids:
+    """rouge_score tokenizer for token-id sequences: each id is one token."""
+
+    def tokenize(self, ids):
+        return [str(i) for i in ids]
+
+
 def rouge_l(preds, refs) -> float:
-    """Mean ROUGE-L F1 (x100) over token-id sequences (LCS based, as rouge_score computes it)."""
-    scores = []
-    for p, r in zip(preds, refs):
-        if not p or not r:
-            scores.append(float(p == r) * 100)
-            continue
-        prev = [0] * (len(r) + 1)
-        for x in p:
-            cur = [0]
-            for j, y in enumerate(r):
-                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-            prev = cur
-        lcs = prev[-1]
-        prec, rec = lcs / len(p), lcs / len(r)
-        scores.append(0.0 if lcs == 0 else 200 * prec * rec / (prec + rec))
+    """Mean ROUGE-L F1 (x100) of token-id sequences, by rouge_score (two empty sequences: 100)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Ids())
+    scores = [
+        100.0 * (p == r) if not p or not r else 100 * scorer.score(r, p)["rougeL"].fmeasure
+        for p, r in zip(preds, refs)
+    ]
     return sum(scores) / max(len(scores), 1)
 
 

@@ -78,3 +78,10 @@ def test_the_profiled_steps_are_the_runs_middle_and_left_out_of_the_rate():
     meter.busy = 0.9  # as the profiler (CUDA only) would have set it
     f = meter.figures()
     assert f["tokens_per_second"] == pytest.approx(10.0)  # 7 steps of 1 s
+
+
+def test_rouge_l_of_token_ids_is_rouge_scores():
+    # LCS of [1, 2, 3, 4] and [1, 3, 4, 5] is 3: precision = recall = 3/4
+    assert bench.rouge_l([[1, 2, 3, 4]], [[1, 3, 4, 5]]) == pytest.approx(75.0)
+    assert bench.rouge_l([[], [7]], [[], [8]]) == pytest.approx(50.0)  # empty pair: equal
+    assert bench.rouge_l([[12, 12, 3]], [[12, 3]]) == pytest.approx(80.0)  # ids, not digits
