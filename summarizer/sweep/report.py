@@ -22,10 +22,15 @@ import optuna
 from optuna.trial import TrialState
 
 from summarizer.config import TrackingConfig
+from summarizer.errors import UserError
 from summarizer.files import write_atomic
+from summarizer.sweep.storage import check_storage, resolve_storage, shown
+from summarizer.sweep.study import WORKER, retry_of, tally
+from summarizer.tracking import parent_run, preflight, resolve_uri
 
 log = logging.getLogger(__name__)
 
+# Optuna's own plots; the ones a study cannot have yet (too few finished trials) are skipped.
 PLOTS = {
     "optimization_history": optuna.visualization.plot_optimization_history,
     "param_importances": optuna.visualization.plot_param_importances,
@@ -36,6 +41,8 @@ PLOTS = {
 
 
 def summary(study: optuna.Study) -> dict:
+    """Trials by state, `done` as the sweeper counts it (a failed trial that was run again is not
+    done: its retry is), the best trial with its metrics, and every trial with `retry_of`."""
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -43,6 +50,7 @@ def summary(study: optuna.Study) -> dict:
         "study": study.study_name,
         "direction": study.direction.name,
         "trials": states,
+        "done": tally(study)[0],
         "best": None,
     }
     if done:
@@ -58,7 +66,7 @@ def summary(study: optuna.Study) -> dict:
             "value": best.value,
             "params": best.params,
             "overrides": attrs.get("overrides"),
-            "worker": attrs.get("worker"),  # host:pid: the adapter is on that host
+            "worker": attrs.get(WORKER),  # host:pid: the adapter is on that host
             "output_dir": attrs.get("output_dir"),
             "adapter": result.get("adapter"),
             "metrics": result.get("metrics", {}),
@@ -69,7 +77,8 @@ def summary(study: optuna.Study) -> dict:
             "state": t.state.name,
             "value": t.value,
             "params": t.params,
-            "worker": t.user_attrs.get("worker"),
+            "worker": t.user_attrs.get(WORKER),
+            "retry_of": retry_of(t),
         }
         for t in trials
     ]
@@ -113,6 +122,7 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | N
     client = MlflowClient(uri)
     for state, n in info["trials"].items():
         client.log_metric(run_id, f"trials_{state.lower()}", n)
+    client.log_metric(run_id, "trials_done", info["done"])
     best = info["best"]
     if best:
         client.log_metric(run_id, "best_value", best["value"])
@@ -127,10 +137,6 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from summarizer.errors import UserError
-    from summarizer.sweep.sweeper import check_storage, resolve_storage, shown
-    from summarizer.tracking import preflight, resolve_uri
-
     p = argparse.ArgumentParser(
         prog="python -m summarizer.sweep.report", description=__doc__.split("\n")[0]
     )
@@ -154,13 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.study_name for s in optuna.get_all_study_summaries(url)]
         print(f"error: no study {args.study!r} in {shown(url)} (studies: {names})", file=sys.stderr)
         return 2
-    from summarizer.tracking import parent_run
-
     parent = parent_run(uri, args.experiment, args.study, shown(url))
-    states = [t.state for t in study.trials]
-    done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for s in states)
+    done, running, _ = tally(study)
     # A sweep still running (other workers) keeps its parent run open; its last worker ends it.
-    status = None if TrialState.RUNNING in states else ("FINISHED" if done else "KILLED")
+    status = None if running else ("FINISHED" if done else "KILLED")
     info = report(
         study, args.out or Path("multirun") / args.study / "report", uri, parent, status=status
     )

@@ -5,11 +5,12 @@ slowest before asking again (idle workers / GPUs); it has no pruning; rerunning 
 more instead of resuming to n_trials. This sweeper reuses its search-space syntax
 (`choice(...)`, `interval(...)`, `tag(log, interval(...))`, `range(...)`) and changes the loop:
 
-- `n_jobs` worker threads each ask one trial, run it, tell the result as soon as it ends, then ask
-  the next — nobody waits for a batch. How a trial runs follows `hydra/launcher`:
+- `n_jobs` worker threads each claim one trial, run it, tell the result as soon as it ends, then
+  claim the next — nobody waits for a batch. How a trial runs follows `hydra/launcher`
+  (sweep/jobs.py):
   - `basic` (the default): its own `python -m summarizer` process on this machine (own memory and
     CUDA context; `CUDA_VISIBLE_DEVICES` pins one GPU per worker when `gpus` is set). The process
-    dies with its sweeper (PR_SET_PDEATHSIG), so a killed worker leaves no trial running unseen.
+    dies with its sweeper, so a killed worker leaves no trial running unseen.
   - `submitit_local`, `submitit_slurm` or a preset extending them (conf/hydra/launcher/): one
     submitit job per trial, built from the launcher plugin's own settings (partition, GPUs, time,
     memory) and running the plugin's own job body (Hydra composes the trial's config in the job).
@@ -19,43 +20,33 @@ more instead of resuming to n_trials. This sweeper reuses its search-space synta
     in the queue at once; the sweeper must outlive its jobs (a login node in tmux, or its own
     small job), and it and the jobs share a filesystem (submitit's pickles, `result.json`). Any
     other launcher is refused rather than half supported.
-- The job attaches to its trial through the shared storage (summarizer/sweep.py): it reports
-  -eval_loss at each evaluation and the study's pruner stops it (PRUNED in Optuna and in MLflow).
-- The study lives in an RDB (sqlite in multirun/ by default; PostgreSQL for several machines) under
-  the sweep's name. A rerun resumes it to n_trials: COMPLETE, PRUNED and genuinely FAILED trials
-  count; trials cut off by Ctrl-C, a killed sweeper (same host, dead pid) or a stale heartbeat
-  (Optuna's heartbeat_stale_trial_callback, any host) are FAILED and re-queued with the same
-  parameters, once per `max_retries`.
+- The job attaches to its trial through the shared storage (sweep/trial.py): it reports -eval_loss
+  at each evaluation and the study's pruner stops it (PRUNED in Optuna and in MLflow).
+- The study lives in an RDB (sqlite in multirun/ by default; PostgreSQL for several machines;
+  sweep/storage.py) under the sweep's name. A rerun resumes it to n_trials: COMPLETE, PRUNED and
+  genuinely FAILED trials count; trials cut off by Ctrl-C, a killed sweeper (same host, dead pid)
+  or a stale heartbeat (any host) are FAILED and run again with the same parameters by Optuna's
+  RetryHeartbeatStaleTrialCallback, at most `max_retries` times (sweep/study.py).
 - Workers: several sweeper processes — on one machine or many — started with the same `storage` and
   `study_name` share the sweep. Each claim (fail stale trials, count, ask) runs under a lock held by
-  the storage itself: a PostgreSQL advisory lock (released with its transaction, or by the server
-  when a killed worker's connection drops) or a file lock beside a sqlite file. So no worker
-  overshoots n_trials, and Optuna hands each trial, queued or new, to exactly one worker. A worker
-  stays until the study has n_trials done, to take over the retry of a worker that dies.
+  the storage itself, so no worker overshoots n_trials, and Optuna hands each trial, queued or new,
+  to exactly one worker. A worker stays until the study has n_trials done, to take over the retry
+  of a worker that dies.
 - MLflow: one parent run per sweep, found or created under the same lock (workers starting together
   find one run, not three); each trial's run nests under it across processes; results are kept in
   the study too (user attrs `metrics`, `adapter`, `worker`), so the report can be made from any
-  machine (summarizer/report.py).
+  machine (sweep/report.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
-import functools
-import json
 import logging
 import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import warnings
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,21 +55,31 @@ import optuna
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import _convert_old_distribution_to_new_distribution
 from optuna.trial import TrialState
 
 from summarizer.config import SamplerConf
-from summarizer.errors import UserError, first_line, log_tail
+from summarizer.errors import UserError, first_line
+from summarizer.sweep import jobs
 from summarizer.sweep.pruners import build_sampler
-from summarizer.sweep.services import pid_alive
+from summarizer.sweep.storage import check_storage, resolve_storage, shown, storage_lock
+from summarizer.sweep.study import (
+    ERROR,
+    INTERRUPTED,
+    JOINED,
+    WORKER,
+    beat,
+    claim,
+    frozen,
+    keep_result,
+    open_study,
+    recover_dead_trials,
+    requeue,
+    search_space,
+    tally,
+)
+from summarizer.sweep.trial import read_result
 
 log = logging.getLogger(__name__)
-
-RETRY_OF = "retry_of"  # user attr of a re-queued trial: the number of the trial it repeats
-WORKER = "worker"  # user attr: host:pid of the sweeper process running the trial
-INTERRUPTED = "interrupted"  # user attr of a trial cut off by Ctrl-C or a dead worker
-ERROR = "error"  # user attr of a failed trial: the line of its job.log that says why
-JOINED = "sweepers_joined"  # study user attr: sweeper processes started on it (seed offsets)
 
 
 @dataclass
@@ -100,240 +101,6 @@ class SummarizerSweeperConf:
     grace_period: int = 120  # a trial silent this long is stale (its worker died)
     max_retries: int = 1  # re-runs of a trial cut off by an interruption
     report: bool = True  # plots + best-trial summary at the end (also: make sweep-report)
-
-
-def resolve_storage(url: str, base: Path) -> str:
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        path = (base / url[len("sqlite:///") :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return url
-
-
-def shown(url: str) -> str:
-    """The URL as it may be logged: any password masked."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: nothing to hide
-        return url
-
-
-def _engine_kwargs(url: str) -> dict:
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
-    # A server: fail in seconds when it is unreachable, and survive its restarts in a long sweep.
-    connect = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-    return {"pool_pre_ping": True, "connect_args": connect}
-
-
-@functools.cache
-def _engine(url: str):
-    """The engine of the sweeper's own lock and checks (Optuna keeps its own)."""
-    import sqlalchemy
-
-    return sqlalchemy.create_engine(url, **_engine_kwargs(url))
-
-
-def check_storage(url: str) -> None:
-    """One line naming `hydra.sweeper.storage` instead of a driver's traceback when the study's
-    database cannot be used: a bad URL, a driver that is not installed, a server that is down."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
-
-    key = f"hydra.sweeper.storage={shown(url)}"
-    try:
-        parsed = make_url(url)
-        dialect = parsed.get_dialect()
-    except (ArgumentError, NoSuchModuleError, ValueError) as e:
-        raise UserError(
-            f"{key}: not a database URL Optuna can use ({first_line(e)}); e.g. "
-            "sqlite:///multirun/optuna.db or postgresql+psycopg://user@host:5432/optuna"
-        ) from None
-    if url.startswith("sqlite"):
-        return
-    try:
-        dialect.import_dbapi()
-    except ImportError as e:
-        hint = (
-            "use postgresql+psycopg://... with psycopg installed (pip install 'psycopg[binary]', "
-            "or make install)"
-            if parsed.get_backend_name() == "postgresql"
-            else "install it"
-        )
-        raise UserError(
-            f"{key}: its driver {parsed.get_driver_name()} is not installed ({e}); {hint}"
-        ) from None
-    try:
-        with _engine(url).connect():
-            pass
-    except OperationalError as e:
-        where = f"{parsed.host or 'localhost'}:{parsed.port or dialect.default_port or ''}"
-        reason = first_line(e.orig if e.orig is not None else e)
-        hint = "start it (make services-up prints the URL) or fix the URL"
-        if "password" in reason:
-            hint = "export PGPASSWORD (make services-up prints it) or fix the user"
-        raise UserError(f"{key}: cannot connect to {where} ({reason}); {hint}") from None
-
-
-_warned_unlocked: set[str] = set()
-
-
-@contextlib.contextmanager
-def storage_lock(url: str, study: str) -> Iterator[None]:
-    """A lock shared by every sweeper process of `study`, held by its storage: a PostgreSQL advisory
-    lock (per database; released at the end of its transaction, or by the server when a killed
-    worker's connection drops), or an flock beside a sqlite file (one machine, as sqlite itself)."""
-    if url.startswith("sqlite:///"):
-        with open(url[len("sqlite:///") :] + ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or its process dies
-            yield
-        return
-    if url.startswith("postgresql"):
-        import sqlalchemy
-
-        key = zlib.crc32(f"summarizer-sweep:{study}".encode())
-        with _engine(url).begin() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-            yield
-        return
-    if url not in _warned_unlocked:
-        _warned_unlocked.add(url)
-        log.warning(
-            "hydra.sweeper.storage=%s: several sweeper processes are coordinated on sqlite and "
-            "PostgreSQL only; run one sweeper on this storage",
-            shown(url),
-        )
-    yield
-
-
-def open_study(
-    url: str, name: str, direction: str, sampler: SamplerConf | None, **heartbeat
-) -> optuna.Study:
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat
-    sampler_obj = build_sampler(sampler)
-    # Workers starting together on a new database would race to create Optuna's tables and the
-    # study (PostgreSQL then fails one of them): create them one at a time.
-    with storage_lock(url, name):
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **heartbeat)
-        return optuna.create_study(
-            study_name=name,
-            storage=storage,
-            sampler=sampler_obj,
-            direction=direction,
-            load_if_exists=True,
-        )
-
-
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int) -> bool:
-    """Queue a cut-off trial's parameters again, so that a rerun loses nothing. The new trial's
-    RETRY_OF names the trial it repeats; a chain longer than max_retries is not extended."""
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    depth, cur = 0, trial
-    while RETRY_OF in cur.user_attrs and cur.user_attrs[RETRY_OF] in by_number:
-        depth, cur = depth + 1, by_number[cur.user_attrs[RETRY_OF]]
-    if depth >= max_retries or not trial.params:
-        return False
-    study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
-    return True
-
-
-def tally(study: optuna.Study) -> tuple[int, int, int]:
-    """(done, running, waiting). Done: COMPLETE, PRUNED, and FAIL unless re-queued (a retry names it)."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
-    done = running = waiting = 0
-    for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            done += 1
-        elif t.state == TrialState.FAIL:
-            done += t.number not in retried
-        elif t.state == TrialState.RUNNING:
-            running += 1
-        elif t.state == TrialState.WAITING:
-            waiting += 1
-    return done, running, waiting
-
-
-def claim(
-    study: optuna.Study, space: dict, n_trials: int, worker: str
-) -> tuple[optuna.Trial | None, int]:
-    """One trial for `worker` if the study needs more: (trial, running), else (None, running) —
-    with running == 0 the study is done; otherwise the rest are running (here or elsewhere) and
-    one of them may still fail and come back. Call it under storage_lock: counting and asking must
-    not interleave with another worker's."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # its callback re-queues them
-    done, running, _ = tally(study)
-    if done + running >= n_trials:
-        return None, running
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "heartbeat ... with Study.optimize": we beat
-        trial = study.ask()
-    for name, dist in space.items():
-        trial._suggest(name, dist)  # fixed values for re-queued trials
-    trial.set_user_attr(WORKER, worker)
-    # A first beat now: Optuna never finds a trial stale that has none, and this worker may die
-    # before its first periodic one.
-    study._storage.record_heartbeat(trial._trial_id)
-    return trial, running
-
-
-def failure_line(job_log: Path) -> str | None:
-    """Why a trial's process failed, from the end of its job.log: the last `error:` line (what
-    a UserError prints), else the last exception line of a traceback."""
-    lines = log_tail(job_log, 65536)
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line[len("error: ") :].strip()[:300]
-    for line in reversed(lines):
-        name = line.split(":", 1)[0]
-        if (
-            ":" in line
-            and name.replace(".", "").replace("_", "").isalnum()
-            and (name.endswith(("Error", "Exception", "Interrupt")))
-        ):
-            return line.strip()[:300]
-    return None
-
-
-def _read_result(out: Path) -> dict | None:
-    """The job's `result.json` (summarizer/sweep.py writes it), read here without importing that
-    module: it pulls in transformers, seconds of start-up the sweeper process does not need."""
-    try:
-        return json.loads((out / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _die_with_sweeper() -> None:
-    """Run in the trial process before exec: the kernel SIGKILLs it when the sweeper's thread that
-    started it dies (PR_SET_PDEATHSIG), even by SIGKILL, so no trial of a dead worker runs on
-    unseen while the study retries it elsewhere."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-def submitit_executor(launcher: Any):
-    """The submitit executor Hydra's submitit launcher would build for `launcher`'s settings (the
-    same mapping as its launch()), to submit one trial at a time and keep the job's future."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-    kind = launcher._EXECUTOR  # "local" or "slurm"
-    params = dict(launcher.params)
-    init = {"folder": params.pop("submitit_folder")}
-    if "max_num_timeout" in params:
-        init[f"{kind}_max_num_timeout"] = params.pop("max_num_timeout")
-    executor = submitit.AutoExecutor(cluster=kind, **init)
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"{kind}_{k}": v for k, v in params.items()})
-    return executor
 
 
 class SummarizerSweeper(Sweeper):
@@ -380,8 +147,6 @@ class SummarizerSweeper(Sweeper):
     # --- the loop -------------------------------------------------------------------------------
 
     def sweep(self, arguments: list[str]) -> list:
-        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-
         from summarizer.distributed import sweep_gpus
 
         c = self.conf
@@ -397,21 +162,9 @@ class SummarizerSweeper(Sweeper):
             grace_period=c.grace_period,
             heartbeat_stale_trial_callback=self._on_stale,
         )
-        declared = [f"{k}={v}" for k, v in c.params.items()]
-        with (
-            warnings.catch_warnings()
-        ):  # it builds Optuna's deprecated (still working) distributions
-            warnings.simplefilter("ignore", FutureWarning)
-            space, fixed = create_params_from_overrides(declared + list(arguments))
-        # A plain value on the command line fixes that parameter: it leaves the search space
-        # (else the trial's sampled value, passed after it, would win).
-        # Stored in today's form (FloatDistribution(log=True), ...): the old classes the parser
-        # builds make every later read of the study warn.
-        self.space = {
-            k: _convert_old_distribution_to_new_distribution(d)
-            for k, d in space.items()
-            if k not in fixed
-        }
+        self.space, fixed = search_space(
+            [f"{k}={v}" for k, v in c.params.items()] + list(arguments)
+        )
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
         self.parent_run = self._mlflow_parent()
         with storage_lock(self.url, c.study_name):  # one enqueue, not one per worker
@@ -420,11 +173,18 @@ class SummarizerSweeper(Sweeper):
                     self.study.enqueue_trial(dict(params), skip_if_exists=True)
             joined = int(self.study.user_attrs.get(JOINED, 0))
             self.study.set_user_attr(JOINED, joined + 1)
-            self._recover_own_dead_trials()
+            lost = recover_dead_trials(self.study, c.max_retries, read_result)
+        for number, again in lost:
+            self._mlflow_fail(number, status="KILLED")
+            log.warning(
+                "trial %d was left running by a dead sweeper; %s",
+                number,
+                "re-queued" if again else "retries used up",
+            )
         if joined:
             self.study.sampler = build_sampler(c.sampler, offset=joined)
         if self.launcher is not None:
-            self.executor = submitit_executor(self.launcher)
+            self.executor = jobs.submitit_executor(self.launcher)
             if c.gpus:
                 log.warning(
                     "hydra.sweeper.gpus only sets how many trials run at once with a submitit "
@@ -437,7 +197,7 @@ class SummarizerSweeper(Sweeper):
             "study %r in %s: %d done, %d running elsewhere, %d queued; target %d trials, %d in "
             "parallel (%s)",
             c.study_name, shown(self.url), done, running, waiting, c.n_trials, len(slots),
-            f"submitit {self.launcher._EXECUTOR} jobs" if self.launcher else "local processes",
+            f"submitit {jobs.submitit_kind(self.launcher)} jobs" if self.launcher else "local processes",
         )  # fmt: skip
         # Workers count themselves out on a condition: after a Ctrl-C has interrupted a
         # Thread.join, CPython 3.11 may report a still running thread as not alive.
@@ -445,27 +205,23 @@ class SummarizerSweeper(Sweeper):
         for s in slots:
             threading.Thread(target=self._worker, args=(s,), daemon=True).start()
         interrupted = False
-        # SIGTERM (a scheduler's preemption, `kill`): the same clean stop as Ctrl-C.
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
-        try:
-            with self.ended:
-                while self.alive:
-                    self.ended.wait(timeout=0.5)
-        except KeyboardInterrupt:
-            interrupted = True
-            if main:  # a second SIGTERM must not cut the cleanup short
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            log.warning("interrupted: stopping running trials; rerun the same command to resume")
-            self.stop.set()
-            self.wake.set()
-            self._terminate_all()
-            with self.ended:  # each worker tells its cut-off trial (FAIL, re-queued) and ends
-                self.ended.wait_for(lambda: self.alive == 0, timeout=60)
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
-        self._finish(interrupted)
+        with jobs.sigterm_as_ctrl_c():
+            try:
+                with self.ended:
+                    while self.alive:
+                        self.ended.wait(timeout=0.5)
+            except KeyboardInterrupt:
+                interrupted = True
+                jobs.ignore_sigterm()
+                log.warning(
+                    "interrupted: stopping running trials; rerun the same command to resume"
+                )
+                self.stop.set()
+                self.wake.set()
+                jobs.terminate(self.procs, self.jobs)
+                with self.ended:  # each worker tells its cut-off trial (FAIL, re-queued) and ends
+                    self.ended.wait_for(lambda: self.alive == 0, timeout=60)
+        self._finish()
         if interrupted:
             raise KeyboardInterrupt
         if self.errors:
@@ -519,7 +275,9 @@ class SummarizerSweeper(Sweeper):
                 return
 
     def _run_trial(self, trial: optuna.Trial, gpu: int | None) -> None:
-        overrides = [f"{k}={v}" for k, v in trial.params.items()]
+        fixed = {f.split("=", 1)[0] for f in self.fixed}
+        # A fixed value on this command line wins over a retry's value from an older search space.
+        overrides = [f"{k}={v}" for k, v in trial.params.items() if k not in fixed]
         out = self.sweep_dir / f"trial_{trial.number:04d}"
         if out.exists():  # a study recreated under the same folder: never overwrite old trials
             out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -542,90 +300,56 @@ class SummarizerSweeper(Sweeper):
             " ".join(overrides),
         )
         if self.executor is None:
-            returncode, logs = self._run_process(trial, args, out, gpu), out / "job.log"
+            returncode = jobs.run_process(
+                args,
+                out,
+                cwd=self.launch_dir,
+                env=jobs.process_env(gpu, 0 if self.conf.gpus else self.conf.n_jobs),
+                beat=lambda: beat(self.study, trial),
+                interval=self.conf.heartbeat_interval,
+                running=self.procs,
+                key=trial.number,
+            )
+            logs = out / "job.log"
         else:
             returncode, logs = self._run_job(trial, args, out)
         self._tell(trial, returncode, out, logs)
 
-    def _run_process(self, trial: optuna.Trial, args: list[str], out: Path, gpu: int | None) -> int:
-        cmd = [sys.executable, "-m", "summarizer", *args, f"hydra.run.dir={out}"]
-        env = dict(os.environ)
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        elif (
-            not self.conf.gpus and self.conf.n_jobs > 1
-        ):  # share the cores instead of oversubscribing
-            env.setdefault(
-                "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.conf.n_jobs))
-            )
-        with open(out / "job.log", "w", encoding="utf-8") as job_log:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.launch_dir,
-                env=env,
-                stdout=job_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_sweeper,
-            )
-            self.procs[trial.number] = proc
-            while proc.poll() is None:
-                try:
-                    proc.wait(timeout=self.conf.heartbeat_interval)
-                except subprocess.TimeoutExpired:
-                    self.study._storage.record_heartbeat(trial._trial_id)
-            self.procs.pop(trial.number, None)
-        return proc.returncode
-
     def _run_job(self, trial: optuna.Trial, args: list[str], out: Path) -> tuple[int, Path]:
-        """One submitit job running Hydra's job body for this trial's overrides; its folder
-        becomes <sweep dir>/trial_NNNN through hydra.sweep.subdir."""
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import JobStatus
+        """One submitit job for this trial; its folder becomes <sweep dir>/trial_NNNN through
+        hydra.sweep.subdir."""
 
-        overrides = [*args, f"hydra.sweep.subdir={out.name}"]
-        with self.submit_lock:  # the executor is shared by the worker threads
-            job = self.executor.submit(
-                self.launcher,
-                overrides,
-                "hydra.sweep.dir",
-                trial.number,
-                f"trial_{trial.number}",
-                Singleton.get_state(),
+        def submit(*job_args):
+            with self.submit_lock:  # the executor is shared by the worker threads
+                return self.executor.submit(*job_args)
+
+        def submitted(job) -> None:
+            trial.set_user_attr("job_id", str(job.job_id))
+            log.info(
+                "trial %d: submitit job %s (logs: %s)", trial.number, job.job_id, job.paths.folder
             )
-        self.jobs[trial.number] = job
-        trial.set_user_attr("job_id", str(job.job_id))
-        log.info("trial %d: submitit job %s (logs: %s)", trial.number, job.job_id, job.paths.folder)
-        beat = time.monotonic()
-        try:
-            while not job.done():
-                time.sleep(1.0)
-                if time.monotonic() - beat >= self.conf.heartbeat_interval:
-                    self.study._storage.record_heartbeat(trial._trial_id)
-                    beat = time.monotonic()
-            ret = job.result()
-            if ret.status == JobStatus.COMPLETED:
-                return 0, job.paths.folder
-            try:
-                ret.return_value  # noqa: B018  (raises the job's exception)
-            except Exception as e:
-                log.warning("trial %d: %s: %s", trial.number, type(e).__name__, first_line(e))
-            return 1, job.paths.folder
-        except Exception as e:  # the job itself died: time limit, cancelled, node failure
-            log.warning("trial %d: job %s ended without a result: %s", trial.number, job.job_id, e)
-            return 1, job.paths.folder
-        finally:
-            self.jobs.pop(trial.number, None)
+
+        return jobs.run_job(
+            submit,
+            self.launcher,
+            [*args, f"hydra.sweep.subdir={out.name}"],
+            trial.number,
+            beat=lambda: beat(self.study, trial),
+            interval=self.conf.heartbeat_interval,
+            running=self.jobs,
+            submitted=submitted,
+            warn=lambda line: log.warning("trial %d: %s", trial.number, line),
+        )
 
     def _tell(self, trial: optuna.Trial, returncode: int, out: Path, logs: Path) -> None:
-        result = _read_result(out) if returncode == 0 else None
+        result = read_result(out) if returncode == 0 else None
         with self.lock:
             self.told.add(trial.number)
             if self.stop.is_set() and result is None:
                 trial.set_user_attr(INTERRUPTED, True)
                 self.study.tell(trial, state=TrialState.FAIL)
                 with storage_lock(self.url, self.conf.study_name):
-                    again = self._requeue(trial.number)
+                    again = requeue(self.study, frozen(self.study, trial), self.conf.max_retries)
                 self._mlflow_fail(trial.number, status="KILLED")
                 log.info(
                     "trial %d interrupted; %s",
@@ -636,13 +360,11 @@ class SummarizerSweeper(Sweeper):
                 self.study.tell(trial, state=TrialState.PRUNED)
                 log.info("trial %d pruned", trial.number)
             elif result and result.get("state") == "COMPLETE" and result.get("value") is not None:
-                # In the study too: the report and the best trial come from the shared storage,
-                # not from a folder on the machine that ran the trial.
-                self._keep_result(trial._trial_id, result)
+                keep_result(self.study, trial, result)
                 self.study.tell(trial, float(result["value"]))
                 log.info("trial %d finished: %.4f", trial.number, result["value"])
             else:
-                reason = failure_line(logs)
+                reason = jobs.failure_line(logs)
                 if reason:  # kept in the study: the report and other workers can show it
                     trial.set_user_attr(ERROR, reason)
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -656,20 +378,10 @@ class SummarizerSweeper(Sweeper):
                 )
         self.wake.set()
 
-    def _keep_result(self, trial_id: int, result: dict) -> None:
-        storage = self.study._storage
-        storage.set_trial_user_attr(trial_id, "metrics", result.get("metrics") or {})
-        if result.get("adapter"):
-            storage.set_trial_user_attr(trial_id, "adapter", result["adapter"])
-
-    def _requeue(self, number: int) -> bool:
-        storage = self.study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-        return requeue(self.study, storage.get_trial(trial_id), self.conf.max_retries)
-
     def _on_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Optuna's heartbeat_stale_trial_callback: the trial's worker died (no heartbeat for
-        grace_period), wherever it ran. Run the trial again and close its MLflow run."""
+        """The storage's heartbeat_stale_trial_callback: the trial's worker died (no heartbeat for
+        grace_period), wherever it ran. Optuna's retry callback runs it again; this one also ends
+        its MLflow run and says so (the library's callback does neither)."""
         again = requeue(study, trial, self.conf.max_retries)
         self._mlflow_fail(trial.number, status="KILLED")
         log.warning(
@@ -679,55 +391,6 @@ class SummarizerSweeper(Sweeper):
             self.conf.grace_period,
             "; re-queued" if again else "; retries used up",
         )
-
-    def _recover_own_dead_trials(self) -> None:
-        """RUNNING trials of a sweeper on this host that no longer exists: fail and re-queue now,
-        instead of waiting for the heartbeat grace period."""
-        host = socket.gethostname()
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = t.user_attrs.get(WORKER, "")
-            w_host, _, pid = worker.rpartition(":")
-            if w_host == host and pid.isdigit() and not pid_alive(int(pid)):
-                out = t.user_attrs.get("output_dir")
-                result = _read_result(Path(out)) if out else None
-                if result and result.get("state") in ("COMPLETE", "PRUNED"):
-                    # A submitit job outlives its sweeper and may have finished meanwhile.
-                    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                        if result["state"] == "PRUNED":
-                            self.study.tell(t.number, state=TrialState.PRUNED)
-                        else:
-                            self._keep_result(t._trial_id, result)
-                            self.study.tell(t.number, float(result["value"]))
-                        log.info("trial %d ended after its sweeper died: result kept", t.number)
-                    continue
-                self.study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
-                try:
-                    self.study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue
-                again = self._requeue(t.number)
-                self._mlflow_fail(t.number, status="KILLED")
-                log.warning(
-                    "trial %d was left running by a dead sweeper; %s",
-                    t.number,
-                    "re-queued" if again else "retries used up",
-                )
-
-    def _terminate_all(self) -> None:
-        for proc in list(self.procs.values()):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for job in list(self.jobs.values()):
-            with contextlib.suppress(Exception):
-                job.cancel(check=False)  # scancel on SLURM; SIGINT to a local job
-        deadline = time.time() + 15
-        for proc in list(self.procs.values()):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
     # --- MLflow ---------------------------------------------------------------------------------
 
@@ -768,7 +431,7 @@ class SummarizerSweeper(Sweeper):
         except Exception as e:  # bookkeeping: never stop the sweep for it
             log.warning("MLflow: could not end trial %d's run: %s", number, first_line(e))
 
-    def _finish(self, interrupted: bool) -> None:
+    def _finish(self) -> None:
         done, running, waiting = tally(self.study)
         log.info(
             "study %r: %d of %d trials done, %d queued",
@@ -796,7 +459,3 @@ class SummarizerSweeper(Sweeper):
                 )
             except Exception as e:  # a report must not lose a finished sweep
                 log.warning("sweep report failed: %s (rerun: make sweep-report)", e)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 
+from summarizer import compat
 from summarizer.config import TrialConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
@@ -27,8 +28,9 @@ def attach(cfg: TrialConfig) -> optuna.Trial | None:
     study = optuna.load_study(
         study_name=cfg.study, storage=cfg.storage, pruner=build_pruner(cfg.pruner)
     )
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, cfg.number)
-    state = study._storage.get_trial(trial_id).state
+    storage = compat.storage(study)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(compat.study_id(study), cfg.number)
+    state = storage.get_trial(trial_id).state
     if state != optuna.trial.TrialState.RUNNING:  # e.g. a queued job whose worker died meanwhile
         raise UserError(
             f"trial {cfg.number} of study {cfg.study!r} is {state.name}, not RUNNING: its sweeper "

@@ -1,5 +1,5 @@
 """Slow tier: a sweep over real shared services — PostgreSQL (Optuna's study, MLflow's store) and an
-MLflow tracking server on 127.0.0.1, started for the session by summarizer/services.py, as
+MLflow tracking server on 127.0.0.1, started for the session by summarizer/sweep/services.py, as
 `make services-up` does. Three worker processes share the tiny CPU sweep and one is SIGKILLed
 mid-trial; then the same sweep runs through Hydra's submitit launcher (submitit_local)."""
 
@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from summarizer.sweep import services
-from summarizer.sweep.sweeper import RETRY_OF, WORKER, tally
+from summarizer.sweep.study import WORKER, retry_of, tally
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,7 @@ def test_three_workers_share_one_study_and_a_killed_workers_trial_is_retried(
     killed = [t for t in trials if t.user_attrs[WORKER] == me[0]]
     assert [t.state for t in killed] == [TrialState.FAIL]
     assert not (Path(killed[0].user_attrs["output_dir"]) / "result.json").exists()  # died with it
-    retry = [t for t in trials if t.user_attrs.get(RETRY_OF) == killed[0].number]
+    retry = [t for t in trials if retry_of(t) == killed[0].number]
     assert len(retry) == 1 and retry[0].params == killed[0].params
     # Each worker sampled with its own seed (the study's seed + its rank in joining the study).
     assert len({t.params["train.lr"] for t in trials if t is not retry[0]}) == n_trials

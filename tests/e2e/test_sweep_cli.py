@@ -15,7 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from summarizer.sweep.sweeper import RETRY_OF, resolve_storage
+from summarizer.sweep.storage import resolve_storage
+from summarizer.sweep.study import retry_of
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -146,7 +147,7 @@ def test_ctrl_c_leaves_the_study_resumable(tmp_path, sig):
     proc.wait(timeout=120)
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].user_attrs[RETRY_OF] == 0
+    assert retry_of(trials[1]) == 0
     assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
 
     run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1")

@@ -10,13 +10,15 @@ from optuna.trial import TrialState
 
 from summarizer.config import PrunerConfig, TrialConfig
 from summarizer.errors import UserError
+from summarizer.sweep.jobs import failure_line
 from summarizer.sweep.pruners import build_pruner
-from summarizer.sweep.sweeper import (
+from summarizer.sweep.storage import resolve_storage
+from summarizer.sweep.study import (
     INTERRUPTED,
-    RETRY_OF,
+    claim,
     open_study,
     requeue,
-    resolve_storage,
+    retry_of,
     tally,
 )
 from summarizer.sweep.trial import attach
@@ -45,7 +47,7 @@ def test_tally_counts_finished_and_skips_requeued_interruptions(study):
     assert requeue(study, study.trials[2], max_retries=1)
     assert tally(study) == (2, 0, 1)  # the interrupted trial waits to run again
     retry = study.ask(x)
-    assert retry.params["x"] == cut.params["x"] and retry.user_attrs[RETRY_OF] == 2
+    assert retry.params["x"] == cut.params["x"] and retry_of(study.trials[retry.number]) == 2
     assert tally(study) == (2, 1, 0)
     # Interrupted again: retries used up, so it counts as done instead of looping forever.
     study.tell(retry, state=TrialState.FAIL)
@@ -95,8 +97,6 @@ def test_unknown_pruner():
 
 
 def test_failure_line_says_why_a_trial_failed(tmp_path):
-    from summarizer.sweep.sweeper import failure_line
-
     log = tmp_path / "job.log"
     log.write_text("step 1\r step 2\nerror: train.lr=-1.0 must be > 0\n")
     assert failure_line(log) == "train.lr=-1.0 must be > 0"
@@ -106,3 +106,72 @@ def test_failure_line_says_why_a_trial_failed(tmp_path):
     log.write_text("killed\n")
     assert failure_line(log) is None
     assert failure_line(tmp_path / "missing.log") is None
+
+
+def _cut_off(study, trial) -> None:
+    """What the sweeper does to a trial it interrupts: mark it, fail it."""
+    trial.set_user_attr(INTERRUPTED, True)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def test_a_chain_of_retries_stops_at_max_retries_and_each_retry_is_clean(study):
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    first, _ = claim(study, x, 1, "a:1")
+    chain = [first]
+    for worker in ("b:2", "c:3"):  # max_retries=2: two retries of the same parameters
+        _cut_off(study, chain[-1])
+        assert requeue(study, study.trials[chain[-1].number], max_retries=2)
+        retry, _ = claim(study, x, 1, worker)
+        assert retry.params == first.params and retry_of(study.trials[-1]) == chain[-1].number
+        # The retry callback copies the original's user attrs: this worker's own replace them.
+        assert retry.user_attrs["worker"] == worker and not retry.user_attrs[INTERRUPTED]
+        chain.append(retry)
+        assert tally(study) == (0, 1, 0)
+    _cut_off(study, chain[-1])
+    assert not requeue(study, study.trials[-1], max_retries=2)
+    assert tally(study) == (1, 0, 0) and claim(study, x, 1, "d:4") == (None, 0)
+    assert len(study.trials) == 3
+
+
+def test_no_retry_with_max_retries_0(study):
+    cut = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    _cut_off(study, cut)
+    assert not requeue(study, study.trials[0], max_retries=0)
+    assert tally(study) == (1, 0, 0) and len(study.trials) == 1
+
+
+def test_a_retry_keeps_its_parameters_when_the_search_space_changed(study):
+    old = {"r": optuna.distributions.CategoricalDistribution([8, 16])}
+    cut, _ = claim(study, old, 2, "a:1")
+    _cut_off(study, cut)
+    assert requeue(study, study.trials[0], max_retries=1)
+    # A rerun widens the choices and adds a parameter: the retry runs its own value again.
+    new = {**{"r": optuna.distributions.CategoricalDistribution([8, 16, 32])}}
+    new["lr"] = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    retry, _ = claim(study, new, 2, "b:2")
+    assert retry_of(study.trials[-1]) == cut.number and retry.params["r"] == cut.params["r"]
+    assert 1e-5 <= retry.params["lr"] <= 1e-3
+
+
+def test_the_sweep_package_imports_one_way_and_not_the_training_stack():
+    """No import circle inside summarizer/sweep/, and none of pipeline, train, cli or augment (a
+    sweeper process stays light; the trial's side is what pulls those in)."""
+    import ast
+    import graphlib
+
+    from tests.conftest import ROOT
+
+    forbidden = ("summarizer.pipeline", "summarizer.train", "summarizer.cli", "summarizer.augment")
+    graph = {}
+    for path in sorted((ROOT / "summarizer" / "sweep").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        bad = sorted(n for n in names if n.startswith(forbidden))
+        assert not bad, f"{path.name} imports {bad}"
+        graph[path.stem] = {n.split(".")[2] for n in names if n.startswith("summarizer.sweep.")}
+    graph = {k: v & set(graph) - {k} for k, v in graph.items()}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle

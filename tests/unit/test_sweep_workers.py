@@ -1,5 +1,5 @@
-"""Several sweeper processes on one study (summarizer/sweeper.py): the locked claim, stale-trial
-retries, storage errors in one line, results kept in the study; and summarizer/services.py's pure
+"""Several sweeper processes on one study (summarizer/sweep/): the locked claim, stale-trial
+retries, storage errors in one line, results kept in the study; and sweep/services.py's pure
 parts. Real Optuna studies on sqlite; the PostgreSQL side runs in tests/e2e/test_scaleout.py."""
 
 from __future__ import annotations
@@ -17,21 +17,11 @@ from optuna.trial import TrialState
 
 from summarizer.errors import UserError
 from summarizer.sweep import services
+from summarizer.sweep.jobs import submitit_executor
 from summarizer.sweep.report import summary
-from summarizer.sweep.sweeper import (
-    RETRY_OF,
-    WORKER,
-    SummarizerSweeper,
-    check_storage,
-    claim,
-    open_study,
-    requeue,
-    resolve_storage,
-    shown,
-    storage_lock,
-    submitit_executor,
-    tally,
-)
+from summarizer.sweep.storage import check_storage, resolve_storage, shown, storage_lock
+from summarizer.sweep.study import WORKER, claim, open_study, requeue, retry_of, tally
+from summarizer.sweep.sweeper import SummarizerSweeper
 from summarizer.tracking import redact
 
 SPACE = {"x": optuna.distributions.FloatDistribution(0, 1)}
@@ -91,7 +81,7 @@ def test_a_trial_whose_worker_went_silent_is_failed_and_retried(tmp_path):
     retry, running = claim(study, SPACE, 2, "host-b:2")
     frozen = study.trials
     assert frozen[lost.number].state == TrialState.FAIL
-    assert retry.user_attrs[RETRY_OF] == lost.number and retry.params == lost.params
+    assert retry_of(frozen[retry.number]) == lost.number and retry.params == lost.params
     assert retry.user_attrs[WORKER] == "host-b:2" and running == 0
     assert tally(study) == (0, 1, 0)  # the failed trial does not count: its retry runs
 
