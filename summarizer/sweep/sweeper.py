@@ -193,11 +193,12 @@ class SummarizerSweeper(Sweeper):
         # One worker per listed GPU (a GPU listed twice runs two trials), else n_jobs workers.
         slots = gpus or [None] * max(1, c.n_jobs)
         done, running, waiting = tally(self.study)
+        how = f"submitit {jobs.submitit_kind(self.launcher)} jobs" if self.launcher else None
         log.info(
             "study %r in %s: %d done, %d running elsewhere, %d queued; target %d trials, %d in "
             "parallel (%s)",
             c.study_name, shown(self.url), done, running, waiting, c.n_trials, len(slots),
-            f"submitit {jobs.submitit_kind(self.launcher)} jobs" if self.launcher else "local processes",
+            how or "local processes",
         )  # fmt: skip
         # Workers count themselves out on a condition: after a Ctrl-C has interrupted a
         # Thread.join, CPython 3.11 may report a still running thread as not alive.
@@ -393,6 +394,8 @@ class SummarizerSweeper(Sweeper):
         )
 
     # --- MLflow ---------------------------------------------------------------------------------
+    # Not optuna-integration's MLflowCallback: it logs each trial from study.optimize's process;
+    # here each job logs its own run, nested under the sweep's parent run across processes.
 
     def _tracking_uri(self) -> str | None:
         from summarizer.tracking import resolve_uri
