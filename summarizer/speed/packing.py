@@ -1,14 +1,17 @@
 """Padding-free training batches: several examples packed into one row, attention kept inside each.
 
 Why: a padded batch spends compute on padding, and on a GPU every new padded shape costs a fresh
-attention plan (FACTS: ~4 ms of CPU per cuDNN call, GPU busy ~27 % of a step). A packed row carries
+attention plan (~4 ms of CPU per cuDNN call measured, GPU busy ~27 % of a step). A packed row carries
 only real tokens; position ids restart at each example (RoPE sees each example from 0) and
 `cu_seq_lens` (cumulative lengths, as in FlashAttention) tell the attention kernel where examples end.
 
-- `pack_bfd`: best-fit-decreasing bins of at most `budget` tokens (TRL's `packing_strategy="bfd"`).
-- `collate_packed`: a bin -> one row + position ids + cu_seq_lens; the row's length is rounded up
-  to `multiple` (a few fixed shapes instead of one per step, so kernels and compiled graphs are
-  reused); the tail is its own masked-out sequence.
+- `pack_bfd`: best-fit-decreasing bins of at most `budget` tokens (TRL's `packing_strategy="bfd"`;
+  TRL's `pack_dataset` concatenates dataset columns, where we need the bins' example indices: the
+  CUDA-graph planner sizes its static rows from them).
+- `collate_packed`: a bin -> one row + position ids + cu_seq_lens, by TRL's padding-free collator;
+  the row's length is rounded up to `multiple` (a few fixed shapes instead of one per step, so
+  kernels and compiled graphs are reused). With `fill` (the CUDA graph's static rows) the tail is
+  split into masked-out sequences of given lengths, which TRL's collator cannot do.
 - `varlen_attention`: registered with transformers as `summarizer_varlen`, it runs
   `torch.nn.attention.varlen.varlen_attn` (FlashAttention's varlen kernel inside PyTorch, no extra
   package) on CUDA. Without CUDA (tests, CPU runs) packed rows go through sdpa, which transformers
@@ -52,9 +55,20 @@ def pack_bfd(lengths: list[int], budget: int) -> list[list[int]]:
 def collate_packed(
     rows: list[dict], pad_token_id: int, multiple: int = 1, fill: list[int] | None = None
 ) -> dict:
-    """Concatenate `rows` (each with input_ids and labels) into one row of shape (1, L).
-    fill: the lengths of the masked-out pad sequences after the examples (default: one, up to
-    the next multiple of `multiple`)."""
+    """Concatenate `rows` (each with input_ids and labels) into one row of shape (1, L), the first
+    label of each example dropped (the loss never crosses an example border).
+    fill: the lengths of the masked-out pad sequences after the examples (default: the tail up to
+    the next multiple of `multiple`, each pad token a sequence of its own, as TRL pads)."""
+    if fill is None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        collator = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, padding_free=True, pad_to_multiple_of=multiple
+        )
+        batch = collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        batch.pop("seq_idx")  # for linear-attention layers, which no supported model has
+        batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)  # real tokens, for tokens/s
+        return batch
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -67,9 +81,6 @@ def collate_packed(
         labels += [IGNORE_INDEX] + list(r["labels"][1:])
         positions += range(n)
         bounds.append(bounds[-1] + n)
-    if fill is None:  # to the fixed width, with a masked-out sequence of its own
-        width = -(-len(ids) // multiple) * multiple
-        fill = [width - len(ids)] if width > len(ids) else []
     for extra in fill:
         ids += [pad_token_id] * extra
         labels += [IGNORE_INDEX] * extra

@@ -31,12 +31,21 @@ def test_packed_row_positions_restart_and_borders_are_unsupervised():
         {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
         {"input_ids": [8, 9], "labels": [8, 9]},  # fully supervised: its first label is dropped
     ]
-    b = collate_packed(rows, pad_token_id=0, multiple=4)
+    b = collate_packed(rows, pad_token_id=0, multiple=4)  # TRL's collator: each pad its own
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
     assert b["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3]
-    assert b["cu_seq_lens_q"].tolist() == [0, 3, 5, 8]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 7, 8]
     assert b["max_length_q"] == 3 and b["num_tokens"] == 5
+    assert set(b) == {"input_ids", "labels", "position_ids", "num_tokens"} | {
+        f"{k}_{s}" for k in ("cu_seq_lens", "max_length") for s in "qk"
+    }
+    # a static row (the CUDA graph's): the tail as fill sequences of given lengths
+    s = collate_packed(rows, pad_token_id=0, fill=[2, 1])
+    assert s["input_ids"].tolist() == b["input_ids"].tolist()
+    assert s["labels"].tolist() == b["labels"].tolist()
+    assert s["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 0]]
+    assert s["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 8] and s["num_tokens"] == 5
 
 
 @pytest.mark.parametrize("multiple", [1, 16])
