@@ -44,7 +44,7 @@ def completion_loss(
 
     With left padding every supervised token sits in the last few positions, so asking the model for
     `logits_to_keep` = (longest completion + 1) skips the vocabulary projection for the prompt. On a
-    262k-vocabulary model on CPU that projection is most of the step (FACTS: 3x faster). Returns
+    262k-vocabulary model on CPU that projection is most of the step (3x faster, measured). Returns
     (sum of token losses / num_items, model outputs); num_items defaults to this batch's token count.
     fused: the same loss through the chunked LM head TRL's SFTTrainer puts on the model
     (`add_fused_lm_head`): log-probabilities in vocabulary tiles, recomputed in the backward, so no
