@@ -248,6 +248,14 @@ def _no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def _api_key(monkeypatch):
+    monkeypatch.setenv("UPSTAGE_API_KEY", "sk-faults-0123456789")
+
+
+def _no_api_key(monkeypatch):
+    monkeypatch.delenv("UPSTAGE_API_KEY", raising=False)
+
+
 SETTING_CASES = {
     # name: (overrides, expected words, setup)
     "lora-r-zero": (["lora.r=0"], ["lora.r=0 must be a positive integer"], None),
@@ -338,6 +346,26 @@ SETTING_CASES = {
         ["stages.predict_test=true", "data.test_path={tmp}/no_test.csv"],
         ["data file not found", "no_test.csv"],
         None,
+    ),
+    "augment-api-base-url-not-http": (
+        ["augmentation=paraphrase", "augmentation.api.base_url=api.upstage.ai/v1"],
+        ["augmentation.api.base_url='api.upstage.ai/v1': expected an http(s) URL"],
+        None,
+    ),
+    "augment-api-key-missing": (
+        ["augmentation=paraphrase"],
+        ["augmentation.api: no API key: set UPSTAGE_API_KEY in the environment or in"],
+        _no_api_key,
+    ),
+    "augment-api-unreachable": (
+        ["augmentation=paraphrase", "augmentation.api.base_url=http://127.0.0.1:9/v1"]
+        + ["augmentation.api.max_retries=0", "augmentation.api.requests_per_minute=0"],
+        [
+            "augmentation.api: http://127.0.0.1:9/v1/chat/completions failed 1 time(s)",
+            "the endpoint cannot be reached: check augmentation.api.base_url",
+            "replies are cached",
+        ],
+        _api_key,
     ),
 }
 
