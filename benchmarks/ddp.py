@@ -1,14 +1,15 @@
 """Multi-GPU benchmark (issue #9): DDP throughput and one-trial-per-GPU sweep wall time.
 
     python benchmarks/ddp.py                          # a GPU host with >= 2 GPUs (all visible ones)
-    python benchmarks/ddp.py --trials 8 -- data.path=../shared/data/dialogsum-ko/dev.csv
+    python benchmarks/ddp.py --trials 8 -- data.path=/path/to/dev.csv
     python benchmarks/ddp.py --cpu-smoke              # tiny model, 2 gloo processes: checks the script
 
 Two measurements, through the real command line (`python -m summarizer`):
 
-1. Throughput: the same training run with trainer=single, with trainer=ddp at the same global batch
-   (train.batch_size / N per GPU: the same updates, so the same losses within float noise), and with
-   trainer=ddp at the same batch per GPU (N x the global batch: the usual DDP scaling figure).
+1. Throughput: the same training run with distributed=single, with distributed=ddp at the same
+   global batch (train.batch_size / N per GPU: the same updates, so the same losses within float
+   noise), and with distributed=ddp at the same batch per GPU (N x the global batch: the usual DDP
+   scaling figure).
    Tokens/s is the pipeline's final_train_tokens_per_second (non-padding training tokens of all
    ranks over the training wall time), read from the run's train_metrics.json.
 2. Sweep: the same N-trial sweep with one trial per GPU on 1 GPU (hydra.sweeper.gpus=[0]) and on all
@@ -117,7 +118,7 @@ def throughput(out: Path, base: list[str], n: int, cpu: bool) -> list[dict]:
     batch = int(_value(base, "train.batch_size"))
     if batch % n:
         sys.exit(f"error: train.batch_size={batch} does not split over {n} processes")
-    ddp = ["trainer=ddp", f"trainer.nproc={n}"]
+    ddp = ["distributed=ddp", f"distributed.nproc={n}"]
     runs = [
         ("single", 1, batch, []),
         ("ddp, same global batch", n, batch // n, ddp),

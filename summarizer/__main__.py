@@ -1,10 +1,13 @@
-"""`python -m summarizer [overrides]`: compose conf/config.yaml and run the pipeline."""
+"""`python -m summarizer [overrides]`: compose conf/config.yaml and run the pipeline — in this
+process, or (distributed=ddp) in one process per GPU started through torchrun
+(summarizer/cli/launch.py), each of which runs this same command as one rank."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Quieter third-party start-up; set before they are imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,18 +41,36 @@ def main(cfg: DictConfig) -> float:
         for name in ("HYDRA_FULL_ERROR", _MARK):
             os.environ.pop(name, None)
     from summarizer import tracking
-    from summarizer.pipeline import run
 
     for handler in logging.getLogger().handlers:  # console and the job's log file
         handler.addFilter(tracking.RedactSecrets())
     try:
-        return run(cfg)
+        return _job(cfg)
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
         log.error("%s", e)
-        print(f"error: {tracking.redact(str(e))}", file=sys.stderr)
+        sys.stdout.flush()  # the logged line first: the error line is the last one printed
+        print(f"error: {tracking.redact(str(e))}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _job(cfg: DictConfig) -> float:
+    """The pipeline here, or `nproc` ranks of it launched (each runs this function as a rank)."""
+    from summarizer import distributed
+    from summarizer.cli import launch
+    from summarizer.pipeline import run
+
+    if distributed.is_worker():
+        launch.as_rank()
+    try:
+        nproc = launch.processes(cfg)  # distributed=ddp: one process per GPU, this one waits
+        if nproc > 1:
+            command = launch.rank_command(HydraConfig.get().overrides.task, Path(cfg.output_dir))
+            return launch.launch(cfg, nproc, command)
+        return run(cfg)
+    finally:
+        distributed.teardown()  # a rank leaves its process group (before its error line)
 
 
 def cli() -> None:

@@ -277,15 +277,16 @@ class TrainConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """How many processes train one run (conf/trainer): `single`, or `ddp` (summarizer/distributed)."""
+class DistributedConfig:
+    """How many processes train one run (conf/distributed): `single`, or `ddp` (one per GPU,
+    launched through torchrun: summarizer/cli/launch.py)."""
 
     name: str = "single"
     # Processes, one per GPU: auto = every visible GPU (torch.cuda.device_count()), or a number;
     # on CPU a number > 1 runs gloo processes (the two-process test).
     nproc: int | str = 1
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    master_port: int = 0  # rendezvous port on 127.0.0.1; 0: a free one
+    master_port: int = 0  # torchrun's rendezvous port on 127.0.0.1; 0: a free one
 
 
 @dataclass
@@ -391,7 +392,7 @@ class Config:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

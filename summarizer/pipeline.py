@@ -31,10 +31,7 @@ def run(cfg: DictConfig) -> float:
     out = Path(cfg.output_dir)
     _check_writable(out)
     resumed = resume.prepare(cfg, out)  # train.resume=true: this folder's checkpoint and MLflow run
-    nproc = distributed.processes(cfg)  # trainer=ddp: one process per GPU
-    if nproc > 1:  # this process starts the workers (each runs this function) and waits for them
-        return distributed.launch(cfg, out, nproc, _choices())
-    distributed.setup(cfg.trainer, out)  # a DDP worker joins its group once every rank checked out
+    distributed.setup(cfg.distributed, out)  # a DDP rank joins its group once all ranks checked out
     main = distributed.is_main()  # rank 0 (or the only process) writes files, MLflow and Optuna
     uri = tracking.resolve_uri(cfg.tracking.uri, Path.cwd())
     if main:
@@ -88,7 +85,7 @@ def run(cfg: DictConfig) -> float:
     trial = sweep.attach(cfg.trial) if main else None
     run_name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.data.name}-{cfg.prompt.name}"
     tags = {"model": cfg.model.name, "data": cfg.data.name, "output_dir": str(out.resolve())}
-    tags.update(_choices() or distributed.launcher_tags())
+    tags.update(_choices())  # a DDP rank composed the job's own overrides: the same choices
     if distributed.world_size() > 1:
         tags["ddp.world_size"] = str(distributed.world_size())
     if trial:

@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 CONFIG = "config.yaml"  # the resolved config a run writes first: the mark of a run's folder
 RUN_ID = "mlflow_run_id"
 # Settings that do not change what the run computes (a run folder may be moved, then resumed).
-# trainer.backend / master_port only say how the DDP ranks talk.
+# distributed.backend / master_port only say how the DDP ranks talk.
 MAY_DIFFER = (
     "train.resume",
     "cache_dir",
     "output_dir",
-    "trainer.backend",
-    "trainer.master_port",
+    "distributed.backend",
+    "distributed.master_port",
 )
 
 
@@ -94,7 +94,10 @@ def _changes(saved: Path, cfg: DictConfig) -> str:
     from summarizer.config import Config
 
     try:  # keys added to the schema since the run was made count at their defaults
-        saved_cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+        loaded = OmegaConf.load(saved)
+        if "trainer" in loaded and "distributed" not in loaded:  # the group's former name
+            loaded.distributed = loaded.pop("trainer")
+        saved_cfg = OmegaConf.merge(OmegaConf.structured(Config), loaded)
         before = flatten(OmegaConf.to_container(saved_cfg))
     except Exception as e:  # YAML or OmegaConf errors: the file was damaged
         raise UserError(f"train.resume=true: {saved} is unreadable ({type(e).__name__})") from e

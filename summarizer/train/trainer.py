@@ -134,7 +134,7 @@ def training_args(cfg: TrainConfig, output_dir: Path, plan: TrainPlan | None = N
     )
     if args.n_gpu > 1:
         # One process on a host with several GPUs: the model sits on one GPU, and HF would wrap it
-        # in nn.DataParallel (TRL refuses; trainer=ddp is the way to use them all). HF's Trainer
+        # in nn.DataParallel (TRL refuses; distributed=ddp is the way to use them all). HF's Trainer
         # sets the same for a model spread over GPUs.
         compat.use_one_gpu(args)
     return args

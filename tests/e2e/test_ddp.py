@@ -1,5 +1,5 @@
-"""Slow tier: `python -m summarizer trainer=ddp trainer.nproc=2` on the CPU (gloo) against a
-one-process run with the same global batch.
+"""Slow tier: `python -m summarizer distributed=ddp distributed.nproc=2` on the CPU (gloo, two ranks
+started through torchrun's elastic agent) against a one-process run with the same global batch.
 
 Why the runs can be compared tightly: accelerate gives rank r the r-th per-process slice of every
 global batch of the same seeded sampler, so both runs train on the same rows at every step, and the
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +25,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from summarizer import distributed
 from tests.conftest import ROOT
 from tests.e2e.test_run import run_cli, runs
 
@@ -45,7 +44,7 @@ COMMON = [
     "generate.max_new_tokens=4",
 ]
 ONE = [*COMMON, "train.batch_size=4"]
-DDP = [*COMMON, "trainer=ddp", "trainer.nproc=2", "train.batch_size=2"]
+DDP = [*COMMON, "distributed=ddp", "distributed.nproc=2", "train.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +53,28 @@ def pair(tmp_path_factory):
     for name, overrides in (("one", ONE), ("ddp", DDP)):
         proc = run_cli(tmp, name, *overrides)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    by_trainer = {r.data.tags["choice.trainer"]: r for r in runs(tmp)}
-    assert len(runs(tmp)) == 2 and set(by_trainer) == {"single", "ddp"}  # one MLflow run each
-    return tmp, by_trainer
+    by_mode = {r.data.tags["choice.distributed"]: r for r in runs(tmp)}
+    assert len(runs(tmp)) == 2 and set(by_mode) == {"single", "ddp"}  # one MLflow run each
+    return tmp, by_mode
 
 
 def test_ddp_run_writes_one_set_of_outputs_and_one_mlflow_run(pair):
-    tmp, by_trainer = pair
+    tmp, by_mode = pair
     out = tmp / "ddp"
     for name in ("config.yaml", "split.json", "adapter/adapter_config.json", "mlflow_run_id"):
         assert (out / name).is_file(), name
     result = json.loads((out / "result.json").read_text())
     assert result["state"] == "COMPLETE" and result["value"] is not None
     assert len(list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))) == 8
-    assert (out / "ddp" / "rank0.log").is_file() and (out / "ddp" / "rank1.log").is_file()
+    for rank in (0, 1):  # torchrun's log folder per rank
+        (log,) = (out / "ddp").glob(f"*/attempt_0/{rank}/stdout.log")
+        assert "validation rows" in log.read_text(), rank  # the rank's own pipeline log
+    assert not list(out.glob(".hydra-*"))  # the ranks add no Hydra record of their own
     # Both ranks' RNG states are in the checkpoint, and in its manifest (written after a barrier).
     ckpt = out / "checkpoints" / "checkpoint-2"
     manifest = json.loads((ckpt / "checksums.json").read_text())["files"]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(manifest)
-    run = by_trainer["ddp"]
+    run = by_mode["ddp"]
     assert run.info.status == "FINISHED"
     assert run.data.tags["ddp.world_size"] == "2"
     assert run.data.tags["overrides"].startswith("model=tiny")  # the launching job's Hydra choices
@@ -82,7 +84,7 @@ def test_ddp_run_writes_one_set_of_outputs_and_one_mlflow_run(pair):
 
 
 def test_ddp_trains_like_one_process_with_the_same_global_batch(pair):
-    tmp, by_trainer = pair
+    tmp, by_mode = pair
     one = load_file(tmp / "one" / "adapter" / "adapter_model.safetensors")
     ddp = load_file(tmp / "ddp" / "adapter" / "adapter_model.safetensors")
     assert one.keys() == ddp.keys()
@@ -94,7 +96,7 @@ def test_ddp_trains_like_one_process_with_the_same_global_batch(pair):
     assert len(steps[0]) == len(steps[1]) == 2
     for (loss1, norm1), (loss2, norm2) in zip(*steps):
         assert (loss2, norm2) == (pytest.approx(loss1, rel=1e-5), pytest.approx(norm1, rel=1e-5))
-    m1, m2 = by_trainer["single"].data.metrics, by_trainer["ddp"].data.metrics
+    m1, m2 = by_mode["single"].data.metrics, by_mode["ddp"].data.metrics
     for key in ("final_train_loss_avg", "final_eval_loss"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
     # tokens/s sums both ranks' tokens: the token count of the job equals the one process's.
@@ -108,27 +110,38 @@ def _logged_steps(out) -> list[tuple[float, float]]:
     return [(e["loss"], e["grad_norm"]) for e in state["log_history"] if "grad_norm" in e]
 
 
-def test_a_workers_user_error_is_its_last_line(tmp_path):
-    """The worker's side of a UserError (the launcher's side: tests/unit/test_distributed.py): its
-    last line is the `error:` line one process prints, which the launcher passes on as is. A world
-    of one worker (no process group), so one process's start-up rather than three."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def test_resume_continues_on_every_rank_from_the_checkpoint(pair):
+    """train.resume=true in a DDP run's folder (a copy of it, cut off after its checkpoint): every
+    rank composes the same overrides, checks the folder and loads checkpoint-2 (both ranks' RNG
+    states), and rank 0 continues the same MLflow run instead of starting another."""
+    tmp, by_mode = pair
+    out = tmp / "resumed"
+    shutil.copytree(tmp / "ddp", out)
+    for name in ("result.json", "predictions.csv", "adapter"):  # what comes after training
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    proc = run_cli(tmp, "resumed", *DDP, "train.resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["state"] == "COMPLETE"
+    attempts = sorted((out / "ddp").glob("*/attempt_0"))  # the copied run's, then the resumed one's
+    assert len(attempts) == 2
+    for rank in (0, 1):
+        text = (attempts[-1] / str(rank) / "stdout.log").read_text()
+        assert "checkpoint-2 (step 2)" in text, rank  # fit's "resuming from ..." line, every rank
+    before = load_file(tmp / "ddp" / "adapter" / "adapter_model.safetensors")
+    after = load_file(out / "adapter" / "adapter_model.safetensors")
+    for key in before:  # the checkpoint's weights, not a fresh start
+        assert torch.equal(before[key], after[key]), key
+    assert len(runs(tmp)) == 2  # no new MLflow run
+    (run,) = [r for r in runs(tmp) if r.info.run_id == by_mode["ddp"].info.run_id]
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == "checkpoint-2"
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        overrides = ["data.path=nowhere.csv", "tracking.enabled=false", f"output_dir={tmp_path}"]
-        cfg = compose("config", [*DDP, *overrides])
-    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}  # a worker, alone
-    proc = subprocess.run(
-        distributed.worker_command(),
-        input=OmegaConf.to_yaml(cfg, resolve=True),
-        cwd=ROOT,
-        env={**env, "SUMMARIZER_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2
+
+def test_a_ranks_user_error_is_the_jobs_one_error_line(tmp_path):
+    """A UserError in the ranks (a missing data file) ends the job with the `error:` line and exit
+    code a one-process run gives."""
+    proc = run_cli(tmp_path, "missing", *DDP, "data.path=nowhere.csv", "tracking.enabled=false")
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "error: data file not found: nowhere.csv"
 
 
@@ -156,18 +169,18 @@ dist.destroy_process_group()
 """
 
 
-def test_ddp_pruning_stops_every_rank_at_the_same_step():
-    port = distributed.free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", PRUNE],
-            cwd=ROOT,
-            env=distributed.worker_env(r, 2, port, {}),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
+def test_ddp_pruning_stops_every_rank_at_the_same_step(tmp_path):
+    script = tmp_path / "prune.py"
+    script.write_text(PRUNE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(proc.stdout.strip().splitlines()) == [
+        f"rank {r}: trial 7 pruned at step 4 (eval_loss 1.0000)" for r in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0].strip() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    assert outputs == [f"rank {r}: trial 7 pruned at step 4 (eval_loss 1.0000)" for r in range(2)]

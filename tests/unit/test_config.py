@@ -19,7 +19,7 @@ GROUPS = [
     "augmentation",
     "data",
     "train",
-    "trainer",
+    "distributed",
     "task",
     "experiment",
     "sweep",

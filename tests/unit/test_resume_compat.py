@@ -34,7 +34,7 @@ def _saved_without(tmp_path, cfg, drop: list[tuple[str, ...]]) -> Path:
 def test_keys_added_since_the_run_count_at_their_defaults(tmp_path):
     cfg = _cfg()
     saved = _saved_without(
-        tmp_path, cfg, [("train", "packing"), ("trainer",), ("generate", "merge")]
+        tmp_path, cfg, [("train", "packing"), ("distributed",), ("generate", "merge")]
     )
     assert _changes(saved, cfg) == ""
 
