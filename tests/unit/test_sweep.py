@@ -146,32 +146,10 @@ def test_a_retry_keeps_its_parameters_when_the_search_space_changed(study):
     _cut_off(study, cut)
     assert requeue(study, study.trials[0], max_retries=1)
     # A rerun widens the choices and adds a parameter: the retry runs its own value again.
-    new = {**{"r": optuna.distributions.CategoricalDistribution([8, 16, 32])}}
-    new["lr"] = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    new = {
+        "r": optuna.distributions.CategoricalDistribution([8, 16, 32]),
+        "lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True),
+    }
     retry, _ = claim(study, new, 2, "b:2")
     assert retry_of(study.trials[-1]) == cut.number and retry.params["r"] == cut.params["r"]
     assert 1e-5 <= retry.params["lr"] <= 1e-3
-
-
-def test_the_sweep_package_imports_one_way_and_not_the_training_stack():
-    """No import circle inside summarizer/sweep/, and none of pipeline, train, cli or augment (a
-    sweeper process stays light; the trial's side is what pulls those in)."""
-    import ast
-    import graphlib
-
-    from tests.conftest import ROOT
-
-    forbidden = ("summarizer.pipeline", "summarizer.train", "summarizer.cli", "summarizer.augment")
-    graph = {}
-    for path in sorted((ROOT / "summarizer" / "sweep").glob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        bad = sorted(n for n in names if n.startswith(forbidden))
-        assert not bad, f"{path.name} imports {bad}"
-        graph[path.stem] = {n.split(".")[2] for n in names if n.startswith("summarizer.sweep.")}
-    graph = {k: v & set(graph) - {k} for k, v in graph.items()}
-    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle
