@@ -1,31 +1,36 @@
 #!/usr/bin/env bash
-# On the GPU machine after setup.sh: `bash scripts/gpu/experiments.sh ko|en baselines|sweep N|submit|collect`.
-# Runs go to /tmp/runs; `collect` packs them (small files) into $OUT/results.tgz.
+# The seed experiments on a GPU machine after `make install` (or scripts/gpu/setup.sh offline):
+#   bash scripts/gpu/experiments.sh ko|en baselines|sweep N [seconds]|submit|collect
+# Data: KO_DEV, KO_TEST, EN_DEV (default: DATA_DIR/dev.csv, test.csv, dev.jsonl; DATA_DIR defaults
+# to the unpacked bundle's data folder). Runs go to RUNS (default outputs/gpu-experiments);
+# `collect` packs their small files into ${OUT:-.}/results.tgz. GPUS: the sweep's workers.
 set -uo pipefail
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 SUMMARIZER_CACHE=/tmp/cache HF_HUB_OFFLINE=1
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 lang=$1; what=$2
+DATA_DIR=${DATA_DIR:-bundle/unpacked/data}
+RUNS=$(mkdir -p "${RUNS:-outputs/gpu-experiments}" && cd "${RUNS:-outputs/gpu-experiments}" && pwd)
 if [ "$lang" = ko ]; then
-  DATA=(data=dialogsum_ko data.path=/tmp/data/ko_dev.csv data.test_path=/tmp/data/ko_test.csv)
+  DATA=(data=dialogsum_ko "data.path=${KO_DEV:-$DATA_DIR/dev.csv}" "data.test_path=${KO_TEST:-$DATA_DIR/test.csv}")
 else
-  DATA=(data=dialogsum_en data.path=/tmp/data/en_dev.jsonl)
+  DATA=(data=dialogsum_en "data.path=${EN_DEV:-$DATA_DIR/dev.jsonl}")
 fi
-COMMON=(model.gguf_path=/tmp/gguf/gemma-3-270m-q4_k_m.gguf quant=none tracking.enabled=false
-        generate.batch_size=32 generate.max_new_tokens=96)
-STORE=sqlite:////tmp/runs/optuna.db
-mkdir -p /tmp/runs
+COMMON=(quant=none tracking.enabled=false generate.batch_size=32 generate.max_new_tokens=96)
+STORE=sqlite:///$RUNS/optuna.db
 case $what in
   baselines)  # the base model without training: zero-shot, 1-shot and 3-shot (most similar examples)
     for k in 0 1 3; do
-      python3 -m summarizer "${COMMON[@]}" "${DATA[@]}" stages.train=false train.max_length=4096 \
+      "$PY" -m summarizer "${COMMON[@]}" "${DATA[@]}" stages.train=false train.max_length=4096 \
         prompt.fewshot.k=$k prompt.fewshot.selection=similar prompt.fewshot.max_chars=1024 \
-        hydra.run.dir=/tmp/runs/base_${lang}_k$k 2>&1 | grep -E "ROUGE|error|Error" ;
+        hydra.run.dir=$RUNS/base_${lang}_k$k 2>&1 | grep -E "ROUGE|error|Error" ;
     done ;;
   sweep)
-    timeout -s INT "${4:-540}" python3 -m summarizer --multirun sweep=gemma "${COMMON[@]}" "${DATA[@]}" \
-      hydra.sweeper.storage=$STORE hydra.sweep.dir=/tmp/runs/gemma_$lang hydra.sweeper.n_trials=$3 \
-      "hydra.sweeper.gpus=[0,0,0]" 2>&1 | grep -E "HYDRA\]|rror" ;;
+    timeout -s INT "${4:-540}" "$PY" -m summarizer --multirun sweep=gemma "${COMMON[@]}" "${DATA[@]}" \
+      hydra.sweeper.storage=$STORE hydra.sweep.dir=$RUNS/gemma_$lang hydra.sweeper.n_trials=$3 \
+      "hydra.sweeper.gpus=${GPUS:-[0,0,0]}" 2>&1 | grep -E "HYDRA\]|rror" ;;
   submit)  # the best trial's adapter and prompt settings, through the pipeline, on test.csv
-    best=$(python3 - <<PYEOF
+    best=$("$PY" - <<PYEOF
 import optuna
 s = optuna.load_study(study_name="gemma_dialogsum_$lang", storage="$STORE")
 b = s.best_trial
@@ -34,9 +39,10 @@ PYEOF
 )
     echo "best: $best"
     # shellcheck disable=SC2086
-    python3 -m summarizer "${COMMON[@]}" "${DATA[@]}" $best stages.train=false stages.predict_test=true \
-      train.max_length=2048 hydra.run.dir=/tmp/runs/submit_$lang 2>&1 | grep -E "ROUGE|submission|rror" ;;
+    "$PY" -m summarizer "${COMMON[@]}" "${DATA[@]}" $best stages.train=false stages.predict_test=true \
+      train.max_length=2048 hydra.run.dir=$RUNS/submit_$lang 2>&1 | grep -E "ROUGE|submission|rror" ;;
   collect)
-    cd /tmp/runs && tar czf "$OUT/results.tgz" --exclude='adapter' --exclude='checkpoints' \
-      --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' . && ls -la "$OUT" ;;
+    out=$(cd "${OUT:-.}" && pwd)
+    cd "$RUNS" && tar czf "$out/results.tgz" --exclude='adapter' --exclude='checkpoints' \
+      --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' . && ls -la "$out/results.tgz" ;;
 esac
