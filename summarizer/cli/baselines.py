@@ -1,6 +1,6 @@
 """Trivial baselines on the validation split, to read ROUGE against what the metric gives for free.
 
-    python -m summarizer.cli.baselines data.path=../shared/data/dialogsum-ko/dev.csv [data=dialogsum_en ...]
+    python -m summarizer.cli.baselines data.path=/path/to/dev.csv [data=dialogsum_en ...]
 
 Same overrides, split and metric as a run: `first_turn` copies the dialogue's first line;
 `fixed_summary` pastes on every row the one training summary that scores best against the other
