@@ -26,7 +26,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import openai
 from dotenv import dotenv_values
 
 from summarizer.errors import UserError
@@ -53,6 +52,8 @@ class _Stopped(Exception):
 def request_all(api, items: list, save: Callable, counters: Counter, what: str) -> None:
     """Send (key, (prompt, text, copy)) requests, `api.concurrency` at a time, rate limited;
     each reply is saved as soon as it arrives. The first failure stops the rest (UserError)."""
+    import openai  # about a second to import: only in runs that send requests
+
     key = api_key(api)
     url = api.base_url.rstrip("/") + "/chat/completions"
     wait_turn = rate_limiter(api.requests_per_minute)
@@ -111,6 +112,8 @@ def chat(client, api, key: str | None, prompt: str, text: str, wait_turn, stop) 
     """One chat completion, with our retries: 429, 408, 5xx, timeouts, connection errors and
     unreadable replies back off exponentially (a Retry-After header wins); 401/403 and other 4xx
     fail at once."""
+    import openai
+
     # Ours, not openai's max_retries: its retries skip our rate limit and sleep through a stop.
     url = api.base_url.rstrip("/") + "/chat/completions"
     headers = {} if key else {"Authorization": openai.Omit()}
@@ -178,7 +181,7 @@ def chat(client, api, key: str | None, prompt: str, text: str, wait_turn, stop) 
     )
 
 
-def _error_detail(e: openai.APIStatusError) -> str:
+def _error_detail(e) -> str:
     """': <the reply body, on one line, shortened>', or '' without one."""
     try:
         body = e.response.text

@@ -13,8 +13,10 @@ Adding a method `foo`:
    `enabled: bool = False` (add `fraction: float = 1.0` for the seeded pick, `copies`, per-language
    `prompt` ... as needed: check_config validates those keys by name);
 3. conf/augmentation/foo.yaml: `foo: {enabled: true, ...}`.
-Nothing else names the methods: `apply`, the filters, the set identity and the figures read this
-registry. Only a constraint beyond the keys above needs a line in checks.py.
+`apply`, the filters, the set identity, the figures and the sample CSV read this registry; nothing
+else needs the new name. Only a constraint beyond the keys above needs a line in checks.py (as
+instruction_variants, local_paraphrase and synthetic have), and only a method that loads a model of
+its own needs it resolved in `apply` (as local_paraphrase's, which joins the set identity).
 """
 
 from __future__ import annotations

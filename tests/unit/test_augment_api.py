@@ -492,14 +492,16 @@ def test_mask_and_dotenv_parsing(tmp_path, monkeypatch):
 def test_the_openai_client_is_used_with_its_own_retries_off(server, rows, tmp_path, monkeypatch):
     """The requests come from the openai package, and a 500 is tried once with max_retries=0:
     the library's retry loop never adds requests of its own."""
+    import openai
+
     calls = []
-    real = client.openai.OpenAI
+    real = openai.OpenAI
 
     def spy(**kwargs):
         calls.append(kwargs)
         return real(**kwargs)
 
-    monkeypatch.setattr(client.openai, "OpenAI", spy)
+    monkeypatch.setattr(openai, "OpenAI", spy)
     server.default = 500
     cfg = aug(server, tmp_path, paraphrase=PARA)
     cfg.api.max_retries = 0
