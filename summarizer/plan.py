@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from summarizer import distributed, metrics
+from summarizer import distributed, metrics, model
 from summarizer.errors import UserError
 from summarizer.speed.switches import GeneratePlan, TrainPlan, generate_plan, train_plan
 
@@ -26,9 +26,12 @@ class Plan:
 
 
 def make(cfg) -> Plan:
+    model.check_device(cfg.model)  # a GPU-only preset on a machine without one
     metrics.check_task(cfg.task)  # a metric or objective the task cannot score
     metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     check_generate(cfg.generate)
+    check_data(cfg.data, cfg.prompt)
+    check_lora(cfg.lora)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,3 +55,30 @@ def check_generate(cfg) -> None:
             f"generate.temperature={cfg.temperature} with generate.do_sample=true: expected > 0 "
             "(or do_sample=false for greedy decoding)"
         )
+
+
+def check_data(cfg, prompt) -> None:
+    size = cfg.val_size
+    if size < 0 or (size >= 1 and size != int(size)):
+        raise UserError(
+            f"data.val_size={size}: expected a fraction below 1 (0.2) or a whole number of rows (80)"
+        )
+    missing = [
+        key for key in ("instruction", "input_label", "output_label")
+        if cfg.language not in (prompt[key] or {})
+    ]  # fmt: skip
+    if missing:
+        known = sorted(set(prompt.instruction or {}))
+        raise UserError(
+            f"data.language={cfg.language!r}: the prompt has texts for {', '.join(known)} only; "
+            f"add them with " + " ".join(f"+prompt.{k}.{cfg.language}='...'" for k in missing)
+        )
+
+
+def check_lora(cfg) -> None:
+    if cfg.r < 1:
+        raise UserError(f"lora.r={cfg.r} must be a positive integer")
+    if cfg.alpha <= 0:
+        raise UserError(f"lora.alpha={cfg.alpha}: expected > 0 (e.g. 2 x lora.r)")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"lora.dropout={cfg.dropout}: expected 0 <= dropout < 1")

@@ -23,6 +23,13 @@ from summarizer.speed.static_decode import STATIC_ATTENTION
 log = logging.getLogger(__name__)
 
 SETTINGS = ("auto", "true", "false")
+# transformers' SchedulerType values (train.scheduler), listed here so that a typo fails in
+# preflight rather than when the Trainer builds its optimizer, after the model has loaded
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)  # fmt: skip
 
 
 def setting(value, key: str) -> str:
@@ -71,6 +78,19 @@ def train_plan(cfg: TrainConfig, world_size: int = 1) -> TrainPlan:
         raise UserError(f"train.eval_strategy={cfg.eval_strategy!r}: expected steps, epoch or no")
     if cfg.pack_tokens is not None and cfg.pack_tokens < 0:
         raise UserError(f"train.pack_tokens={cfg.pack_tokens}: expected null, 0 or a token count")
+    if cfg.scheduler not in SCHEDULERS:
+        raise UserError(
+            f"train.scheduler={cfg.scheduler!r}: expected one of {', '.join(SCHEDULERS)}"
+        )
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise UserError(f"train.max_steps={cfg.max_steps}: expected -1 (train.epochs) or >= 1")
+    if cfg.max_steps == -1 and cfg.epochs <= 0:
+        raise UserError(f"train.epochs={cfg.epochs}: expected > 0 (or train.max_steps >= 1)")
+    for key in ("save_steps", "logging_steps") + (
+        ("eval_steps",) if cfg.eval_strategy == "steps" else ()
+    ):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"train.{key}={getattr(cfg, key)}: expected a step count >= 1")
     if cfg.pack_multiple < 1:
         raise UserError(f"train.pack_multiple={cfg.pack_multiple}: expected a token count >= 1")
     early_stop = cfg.eval_strategy != "no" and cfg.early_stopping_patience > 0

@@ -76,3 +76,42 @@ def test_the_process_count_reaches_the_graph_switch(monkeypatch):
     assert plan.world_size == 2 and not plan.train.cuda_graph and plan.train.precision == "bf16"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert preflight.make(_cfg("train.cuda_graph=auto", "train.packing=true")).train.cuda_graph
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.eval_steps=0", "train.eval_steps=0: expected a step count >= 1"),
+        ("train.scheduler=bogus", "train.scheduler='bogus': expected one of linear, cosine"),
+        ("train.max_steps=0", "train.max_steps=0: expected -1 (train.epochs) or >= 1"),
+        ("data.val_size=1.5", "data.val_size=1.5: expected a fraction below 1"),
+        ("lora.r=-4", "lora.r=-4 must be a positive integer"),
+        ("lora.dropout=1.0", "lora.dropout=1.0: expected 0 <= dropout < 1"),
+    ],
+)
+def test_values_that_were_reinterpreted_or_failed_late(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        preflight.make(_cfg(override))
+
+
+def test_a_language_without_prompt_texts_names_the_overrides_that_add_them():
+    with pytest.raises(UserError) as e:
+        preflight.make(_cfg("data.language=fr"))
+    message = str(e.value)
+    assert message.startswith("data.language='fr': the prompt has texts for en, ko only")
+    fix = message.split("add them with ")[1].replace("'...'", "x").split()
+    plan = preflight.make(_cfg("data.language=fr", *fix))  # the suggested fix composes and passes
+    assert plan.train is not None
+
+
+@pytest.mark.parametrize("group", ["experiment", "task", "data", "train", "prompt", "model"])
+def test_every_shipped_option_passes_preflight(group):
+    from tests.unit.test_config import CONF
+
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = _cfg(f"{group}={option}")
+        if cfg.model.requires_gpu and not torch.cuda.is_available():
+            with pytest.raises(UserError, match=f"model={cfg.model.name} needs a CUDA GPU"):
+                preflight.make(cfg)
+        else:
+            preflight.make(cfg)
