@@ -8,11 +8,14 @@ hydra.run.dir=<this run's folder>`: every rank composes the same config from the
 and environment, so secrets (masked in config.yaml) resolve as in the job and `train.resume=true`
 resumes on every rank. The ranks run the ordinary pipeline (summarizer/distributed.py gates what
 rank 0 alone does), and rank 0 tags its MLflow run with the job's Hydra choices, composed itself.
+The agent runs in this process rather than as a `torchrun` child so that a failure comes back as
+data (which rank failed first, its exit code, its log files), not as text to parse, and a signal
+to this process reaches the ranks through the agent.
 
 torchrun brings the rendezvous, the rank environment, one log folder per rank
 (`<run>/ddp/<run id>_*/attempt_0/<rank>/stdout.log, stderr.log`), rank 0's output on the console
-(`[rank0]:` lines) and, when one rank fails, the end of the others. This module adds only what it
-lacks:
+(`[rank0]:` lines; rank 0 also appends to the job's own log file, beside this process) and, when
+one rank fails, the end of the others. This module adds only what it lacks:
 - one `error:` line for a failed run: the failed rank's own `error:` line (a UserError prints the
   same line one process prints), else which rank failed and where its log is;
 - the run's MLflow run closed as FAILED (KILLED on Ctrl-C) when rank 0 was stopped before it could;
