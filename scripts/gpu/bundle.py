@@ -179,6 +179,11 @@ def _sha256(path: Path) -> str:
 
 
 def unpack(bundle: Path, dest: Path) -> dict:
+    info_path, done = dest / INFO, dest / ".manifest"
+    manifest = (bundle / MANIFEST).read_text() if (bundle / MANIFEST).is_file() else None
+    if manifest and done.is_file() and done.read_text() == manifest and info_path.is_file():
+        print(f"{dest}: already unpacked from these pieces")  # a rerun of setup.sh
+        return json.loads(info_path.read_text())
     pieces = verify(bundle)
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=PieceReader(pieces), mode="r|") as tar:
@@ -186,7 +191,7 @@ def unpack(bundle: Path, dest: Path) -> dict:
             tar.extractall(dest, filter="data")
         else:
             tar.extractall(dest)
-    info_path = dest / INFO
+    done.write_text(manifest)
     return json.loads(info_path.read_text()) if info_path.is_file() else {}
 
 

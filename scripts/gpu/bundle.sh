@@ -32,6 +32,7 @@ for f in $DATA; do
   ITEMS+=("data/$(basename "$f")=$f")
 done
 for m in $MODELS; do
+  [ -f "conf/model/$m.yaml" ] || { echo "error: MODELS: no preset conf/model/$m.yaml" >&2; exit 2; }
   # The copy the package makes on first use (converted once here if missing): same folder name
   # on the GPU machine, so it is found there.
   dir=$("$PY" - "$m" "$CACHE" <<'PYEOF'

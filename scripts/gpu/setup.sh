@@ -64,7 +64,7 @@ place() {
 if [ -n "$root" ] && [ -d "$root/models" ]; then place "$root/models" "$CACHE/models"; fi
 if [ -n "$root" ] && [ -d "$root/hub" ]; then place "$root/hub" "$HUB"; fi
 if [ -n "$root" ] && [ -d "$root/data" ]; then
-  echo "data: $root/data ($(ls "$root/data" | tr '\n' ' ')); e.g. data.path=$root/data/dev.csv"
+  echo "data: $root/data ($(ls "$root/data" | tr '\n' ' ')), e.g. data.path=$root/data/$(ls "$root/data" | head -1)"
 fi
 
 "$VENV/bin/python" - <<'PYEOF'

@@ -108,6 +108,21 @@ def test_repack_replaces_old_pieces(tmp_path):
     assert len(list(out.glob("bundle.tar.*"))) == len(second)
 
 
+def test_unpack_twice(tmp_path):
+    """setup.sh run again: the same pieces are not read again; new ones replace the files."""
+    _, out, _ = _pack(tmp_path)
+    dest = tmp_path / "un"
+    bundle.unpack(out, dest)
+    (dest / "data" / "dev.csv").write_text("edited")
+    bundle.unpack(out, dest)
+    assert (dest / "data" / "dev.csv").read_text() == "edited"
+    (tmp_path / "src" / "dev.csv").write_text("new rows\n")
+    bundle.pack(out, 1024, [("data/dev.csv", tmp_path / "src" / "dev.csv")], {})
+    bundle.unpack(out, dest)
+    assert (dest / "data" / "dev.csv").read_text() == "new rows\n"
+    assert (dest / "models" / "m" / "config.json").is_symlink()  # the earlier files stay
+
+
 def test_corrupt_piece(tmp_path):
     _, out, _ = _pack(tmp_path)
     piece = out / "bundle.tar.002"
