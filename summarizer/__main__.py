@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from summarizer import compat
 from summarizer.config import register_configs
 from summarizer.errors import UserError
 
@@ -58,6 +59,7 @@ def main(cfg: DictConfig) -> float:
 def _job(cfg: DictConfig) -> float:
     """The pipeline here, or `nproc` ranks of it launched (each runs this function as a rank)."""
     from summarizer import distributed
+    from summarizer import plan as preflight
     from summarizer.cli import launch
     from summarizer.pipeline import run
 
@@ -66,6 +68,7 @@ def _job(cfg: DictConfig) -> float:
     try:
         nproc = launch.processes(cfg)  # distributed=ddp: one process per GPU, this one waits
         if nproc > 1:
+            preflight.make(cfg, world_size=nproc)  # a bad value fails here, not in every rank
             command = launch.rank_command(HydraConfig.get().overrides.task, Path(cfg.output_dir))
             return launch.launch(cfg, nproc, command)
         return run(cfg)
@@ -79,6 +82,7 @@ def cli() -> None:
     if _ours:
         os.environ.update({"HYDRA_FULL_ERROR": "1", _MARK: "1"})
     try:
+        compat.check_versions()  # a library outside its tested range: one line, before anything
         main()
     except (HydraException, OmegaConfBaseException, OSError) as e:
         if not _ours or _started:

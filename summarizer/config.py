@@ -302,9 +302,9 @@ class GenerateConfig:
     stop_at_newline: bool = True  # summaries are one line: stop at a newline after some text
     stop_at_blank_line: bool = False  # lists span lines: stop at an empty line after some text
     # auto: on a GPU, a 4/8-bit base generates through a bf16 copy with the adapter merged in
-    # (FACTS: ~8x the new tokens/s of the quantized PeftModel); true | false
+    # (~8x the new tokens/s of the quantized PeftModel, measured); true | false
     merge: str = "auto"
-    # auto: greedy decoding on a GPU runs `generate.greedy_static` (static KV cache, one decode step
+    # auto: greedy decoding on a GPU runs `speed.static_decode.greedy_static` (static KV cache, one step
     # replayed as a CUDA graph; same tokens as `generate`, several times faster); true | false
     static_decode: str = "auto"
 

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from summarizer import augment, data, distributed, generate, metrics, model, prompt, tracking
+from summarizer import plan as preflight
 from summarizer.errors import UserError
 from summarizer.files import write_atomic, write_csv
-from summarizer.speed import merge, switches
+from summarizer.speed import merge
 from summarizer.sweep import trial as sweep
 from summarizer.train import callbacks, resume
 from summarizer.train.fit import fit
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float:
+    plan = preflight.make(cfg)  # every value checked, every auto switch resolved, once
     out = Path(cfg.output_dir)
     _check_writable(out)
     resumed = resume.prepare(cfg, out)  # train.resume=true: this folder's checkpoint and MLflow run
@@ -40,18 +41,7 @@ def run(cfg: DictConfig) -> float:
         write_atomic(out / "config.yaml", tracking.redact(OmegaConf.to_yaml(cfg, resolve=True)))
 
     # Data: load, validate, split by id (seeded), cap for quick runs.
-    metrics.check_task(cfg.task)  # a metric or objective the task cannot score fails now
-    # Generation and training switches that would only fail after training fail now.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    switches.use_merged(cfg.generate, cfg.quant)
-    switches.use_static(cfg.generate, device, cfg.model.attn_implementation or "sdpa")
-    if cfg.stages.train:
-        switches.use_liger(cfg.train)
-        switches.use_fused_head(cfg.train)
-        switches.use_cuda_graph(cfg.train)
     examples = data.load(cfg.data)
-    if cfg.stages.predict_test and not cfg.data.test_path:
-        raise UserError("stages.predict_test=true needs data.test_path")
     if cfg.stages.predict_test:  # a bad test file fails now, not after hours of training
         data.load(cfg.data, cfg.data.test_path, require_summary=False)
     train_ex, val_ex = data.split(examples, cfg.data.val_size, cfg.data.split_seed)
@@ -131,6 +121,7 @@ def run(cfg: DictConfig) -> float:
                     out,
                     trainer_callbacks,
                     checkpoint,
+                    plan=plan.train,
                 )
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
                 if main:  # also without MLflow (benchmarks/ddp.py reads it)
@@ -144,9 +135,8 @@ def run(cfg: DictConfig) -> float:
                 tokenizer.save_pretrained(out / "adapter")
                 if cfg.tracking.log_adapter:
                     tracking.log_artifact(out / "adapter")
-            if (cfg.stages.evaluate or cfg.stages.predict_test) and switches.use_merged(
-                cfg.generate, cfg.quant
-            ):  # a 4-bit model decodes ~8x slower than a bf16 copy with the adapter merged in
+            # a 4-bit model decodes ~8x slower than a bf16 copy with the adapter merged in
+            if (cfg.stages.evaluate or cfg.stages.predict_test) and plan.generate.merged:
                 lm = merge.merged_for_generation(lm)
                 base = None
                 model.free_memory()
@@ -154,7 +144,7 @@ def run(cfg: DictConfig) -> float:
             objective, scores = float("nan"), {}
             if cfg.stages.evaluate:
                 scores = evaluate(
-                    cfg, lm, tokenizer, val_ex, encode, stop_id, out / "predictions.csv"
+                    cfg, plan, lm, tokenizer, val_ex, encode, stop_id, out / "predictions.csv"
                 )
                 tracking.log_metrics(scores)
                 tracking.log_artifact(out / "predictions.csv")
@@ -162,7 +152,7 @@ def run(cfg: DictConfig) -> float:
                 objective = scores[cfg.task.objective]  # rouge_sum unless the task says otherwise
 
             if cfg.stages.predict_test:
-                predict_test(cfg, lm, tokenizer, encode, stop_id, out / "submission.csv")
+                predict_test(cfg, plan, lm, tokenizer, encode, stop_id, out / "submission.csv")
                 tracking.log_artifact(out / "submission.csv")
             tracking.log_artifact(out / "config.yaml")
             tracking.log_artifact(out / "split.json")
@@ -176,9 +166,9 @@ def run(cfg: DictConfig) -> float:
     return objective
 
 
-def evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[str, float]:
+def evaluate(cfg, plan, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[str, float]:
     start = time.perf_counter()
-    preds = summarize(cfg, lm, tokenizer, val_ex, encode, stop_id)
+    preds = summarize(cfg, lm, tokenizer, val_ex, encode, stop_id, plan.generate)
     seconds = time.perf_counter() - start
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     refs = [ex.summary for ex in val_ex]
@@ -188,12 +178,12 @@ def evaluate(cfg, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[st
     return {**scores, "generate_seconds_per_row": seconds / len(val_ex)}
 
 
-def predict_test(cfg, lm, tokenizer, encode, stop_id, path: Path) -> None:
+def predict_test(cfg, plan, lm, tokenizer, encode, stop_id, path: Path) -> None:
     """Summaries for data.test_path in the competition's format (`,fname,summary`)."""
     if not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
     test_ex = data.load(cfg.data, cfg.data.test_path, require_summary=False)
-    preds = summarize(cfg, lm, tokenizer, test_ex, encode, stop_id)
+    preds = summarize(cfg, lm, tokenizer, test_ex, encode, stop_id, plan.generate)
     rows = [[i, ex.id, p] for i, (ex, p) in enumerate(zip(test_ex, preds))]
     write_csv(path, ["", "fname", "summary"], rows)
     log.info("submission: %s (%d rows)", path, len(rows))
@@ -228,12 +218,13 @@ def make_encoder(cfg, tokenizer, fmt: str, stop_id: int, shots: prompt.ShotSelec
     return encode
 
 
-def summarize(cfg, lm, tokenizer, rows, encode, stop_id) -> list[str]:
+def summarize(cfg, lm, tokenizer, rows, encode, stop_id, plan=None) -> list[str]:
     """Summaries for `rows` with the run's prompt and generation settings, in input order."""
     prompts = [encode(ex, False) for ex in rows]
     _log_truncation("generation", prompts)
     stops = sorted({stop_id, tokenizer.eos_token_id})
-    return generate.summaries(cfg.generate, lm, tokenizer, [p["input_ids"] for p in prompts], stops)
+    ids = [p["input_ids"] for p in prompts]
+    return generate.summaries(cfg.generate, lm, tokenizer, ids, stops, plan)
 
 
 def _log_truncation(stage: str, rows: list[dict]) -> None:

@@ -25,7 +25,8 @@ class Plan:
     generate: GeneratePlan
 
 
-def make(cfg) -> Plan:
+def make(cfg, world_size: int | None = None) -> Plan:
+    """world_size: the processes that will train (default: this process's DDP world)."""
     model.check_device(cfg.model)  # a GPU-only preset on a machine without one
     metrics.check_task(cfg.task)  # a metric or objective the task cannot score
     metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
@@ -35,7 +36,7 @@ def make(cfg) -> Plan:
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    world = distributed.world_size()
+    world = world_size or distributed.world_size()
     attention = cfg.model.attn_implementation or "sdpa"  # what transformers loads by default
     return Plan(
         device=device.type,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from summarizer import compat
 from summarizer.config import Config, QuantConfig
 from summarizer.errors import UserError
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="the run's config.yaml")
     args = parser.parse_args(argv)
     try:
+        compat.check_versions()
         path = merge(args.adapter, args.output, args.dtype, args.config)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from summarizer import data, model, pipeline, prompt
+from summarizer import compat, data, model, pipeline, prompt
 from summarizer import plan as preflight
 from summarizer.config import Config
 from summarizer.errors import UserError
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     try:
+        compat.check_versions()
         cfg = run_config(args.run)
         if args.input == "-":
             text = sys.stdin.read().strip()

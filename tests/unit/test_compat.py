@@ -193,3 +193,21 @@ def test_sweeper_params_parses_overrides_into_current_distributions():
     assert isinstance(lr, optuna.distributions.FloatDistribution) and lr.log
     r = compat.new_distribution(space["lora.r"])
     assert isinstance(r, optuna.distributions.CategoricalDistribution) and r.choices == (8, 16)
+
+
+def test_the_cli_stops_with_one_line_on_an_untested_version(monkeypatch, capsys):
+    import os
+    import sys
+
+    import summarizer.__main__ as entry
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # cli() sets HYDRA_FULL_ERROR
+    monkeypatch.setattr(
+        compat, "untested", lambda installed=None: ["trl 9.0 (tested: >=1.16,<1.17)"]
+    )
+    monkeypatch.setattr(sys, "argv", ["summarizer", "lora.r=8"])
+    with pytest.raises(SystemExit) as e:
+        entry.cli()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: untested library version: trl 9.0")
+    assert err.count("\n") == 1
