@@ -10,6 +10,7 @@
 - `report`: best-trial summary and plots (`python -m summarizer.sweep.report`).
 - `services`: local PostgreSQL and MLflow server (`python -m summarizer.sweep.services`).
 
-Imports point one way (sweeper -> report -> study -> storage; jobs and trial stand alone) and never
-to the training stack (pipeline, train, cli, augment): a sweeper process stays light.
+Imports point one way: sweeper on top; report -> study -> storage, pruners, services; jobs, trial
+and pruners import nothing of the sweeper's. None reaches the training stack (pipeline, train,
+cli, augment: tests/unit/test_layers.py checks it), so a sweeper process stays light.
 """
