@@ -35,6 +35,7 @@ TESTED = {
     "optuna": ("5.0", "5.1"),
     "hydra-core": ("1.3.8", "1.4"),
     "hydra-optuna-sweeper": ("1.3.0", "1.4"),
+    "hydra-submitit-launcher": ("1.2.0", "1.3"),
     "bitsandbytes": ("0.50", "0.51"),  # optional: checked only where installed
 }
 
@@ -181,3 +182,9 @@ def sweeper_params(overrides: list):
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     return create_params_from_overrides(overrides)
+
+
+def submitit_kind(launcher) -> str:
+    """'local' or 'slurm': which executor Hydra's submitit launcher builds (a class attribute the
+    plugin keeps private)."""
+    return launcher._EXECUTOR

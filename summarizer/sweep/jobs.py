@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from summarizer import compat
 from summarizer.errors import first_line, log_tail
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -100,18 +101,13 @@ def run_process(
     return proc.returncode
 
 
-def submitit_kind(launcher: Any) -> str:
-    """ "local" or "slurm": which executor Hydra's submitit launcher builds."""
-    return launcher._EXECUTOR  # compat: the launcher plugin names it in a private class attr
-
-
 def submitit_executor(launcher: Any):
     """The submitit executor Hydra's submitit launcher would build for `launcher`'s settings (the
     same mapping as its launch()), to submit one trial at a time and keep the job's future."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
-    kind = submitit_kind(launcher)
+    kind = compat.submitit_kind(launcher)
     params = dict(launcher.params)
     init = {"folder": params.pop("submitit_folder")}
     if "max_num_timeout" in params:

@@ -57,6 +57,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from summarizer import compat
 from summarizer.config import SamplerConf
 from summarizer.errors import UserError, first_line
 from summarizer.sweep import jobs
@@ -193,7 +194,7 @@ class SummarizerSweeper(Sweeper):
         # One worker per listed GPU (a GPU listed twice runs two trials), else n_jobs workers.
         slots = gpus or [None] * max(1, c.n_jobs)
         done, running, waiting = tally(self.study)
-        how = f"submitit {jobs.submitit_kind(self.launcher)} jobs" if self.launcher else None
+        how = f"submitit {compat.submitit_kind(self.launcher)} jobs" if self.launcher else None
         log.info(
             "study %r in %s: %d done, %d running elsewhere, %d queued; target %d trials, %d in "
             "parallel (%s)",

@@ -211,3 +211,13 @@ def test_the_cli_stops_with_one_line_on_an_untested_version(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: untested library version: trl 9.0")
     assert err.count("\n") == 1
+
+
+def test_submitit_kind_names_the_launchers_executor():
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
+        LocalLauncher,
+        SlurmLauncher,
+    )
+
+    assert compat.submitit_kind(LocalLauncher) == "local"
+    assert compat.submitit_kind(SlurmLauncher) == "slurm"
