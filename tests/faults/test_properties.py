@@ -168,3 +168,52 @@ def test_a_clipped_example_never_ends_inside_a_token(max_chars):
     clipped = clip_chars(text, max_chars)
     assert text.startswith(clipped) and len(clipped) <= max_chars
     assert clipped.count("#") % 2 == 0, clipped
+
+
+# Keys a user overrides most, with values of every shape: each either composes and passes
+# preflight, or fails as ONE line (a composition error as the CLI words it, or a UserError).
+NUMBERS = st.one_of(
+    st.integers(-(10**6), 10**6), st.floats(-1e6, 1e6, allow_nan=False), st.sampled_from([0, -1, 1])
+)
+WORDS = st.one_of(
+    st.sampled_from(["auto", "true", "false", "none", "null", "fp16", "bf16", "ko", "en", "x"]),
+    st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=8),
+)
+KEYS = {
+    "lora.r": NUMBERS, "lora.alpha": NUMBERS, "lora.dropout": NUMBERS, "train.lr": NUMBERS,
+    "train.batch_size": NUMBERS, "train.grad_accum": NUMBERS, "train.max_steps": NUMBERS,
+    "train.eval_steps": NUMBERS, "train.save_steps": NUMBERS, "train.pack_multiple": NUMBERS,
+    "train.epochs": NUMBERS, "data.val_size": NUMBERS, "generate.max_new_tokens": NUMBERS,
+    "generate.batch_size": NUMBERS, "generate.num_beams": NUMBERS, "generate.temperature": NUMBERS,
+    "prompt.fewshot.k": NUMBERS, "train.scheduler": WORDS, "train.precision": WORDS,
+    "train.liger": WORDS, "train.cuda_graph": WORDS, "train.fused_lm_head": WORDS,
+    "generate.static_decode": WORDS, "generate.merge": WORDS, "metric.tokenizer": WORDS,
+    "data.language": WORDS, "train.eval_strategy": WORDS, "generate.do_sample": WORDS,
+}  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(sorted(KEYS)), st.none(), min_size=1, max_size=4).flatmap(
+        lambda keys: st.fixed_dictionaries({k: KEYS[k] for k in keys})
+    )
+)
+def test_any_override_composes_and_preflights_or_fails_in_one_line(overrides):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from summarizer import plan as preflight
+    from summarizer.__main__ import setup_error
+    from tests.unit.test_config import _compose
+
+    args = [f"{k}={v}" for k, v in overrides.items()] + ["output_dir=/tmp/x"]
+    try:
+        cfg = _compose(args)
+    except (HydraException, OmegaConfBaseException) as e:  # the CLI's one line for these
+        line = setup_error(e)
+        assert line and "\n" not in line, args
+        return
+    try:
+        preflight.make(cfg)
+    except UserError as e:
+        assert str(e) and "\n" not in str(e), args
