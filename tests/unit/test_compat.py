@@ -214,6 +214,7 @@ def test_the_cli_stops_with_one_line_on_an_untested_version(monkeypatch, capsys)
 
 
 def test_submitit_kind_names_the_launchers_executor():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # a GPU image may lack it
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
         LocalLauncher,
         SlurmLauncher,
