@@ -1,4 +1,4 @@
-"""Multi-GPU benchmark (issue #9): DDP throughput and one-trial-per-GPU sweep wall time.
+"""Multi-GPU benchmark: DDP throughput and one-trial-per-GPU sweep wall time.
 
     python benchmarks/ddp.py                          # a GPU host with >= 2 GPUs (all visible ones)
     python benchmarks/ddp.py --trials 8 -- data.path=/path/to/dev.csv

@@ -148,7 +148,7 @@ class InstructionVariantsConfig:
 @dataclass
 class ParaphraseConfig:
     enabled: bool = False
-    copies: int = 1  # paraphrases per row (seed 000's --num-paraphrase)
+    copies: int = 1  # paraphrases per row
     fraction: float = 1.0
     prompt: dict[str, str] = field(default_factory=dict)  # system prompt per data.language
 
