@@ -209,27 +209,43 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def parent_run(uri: str, experiment: str, study: str, storage: str) -> str:
-    """The MLflow run of a sweep: the existing one for this study (a resumed sweep), else a new one."""
+def parent_run(
+    uri: str,
+    experiment: str,
+    study: str,
+    storage: str,
+    study_id: str | None = None,
+    adopt: bool = False,
+) -> str:
+    """The MLflow run of a sweep: the existing one of this study (a resumed sweep, another worker),
+    else a new one. With `study_id` (the study's own UUID) the run is found by it, so a new study
+    under an old name (storage deleted, another storage) gets its own run. `adopt`: a study that
+    was just given its identity (made before identities) takes over the parent of its name and
+    storage that has none yet. Without `study_id`: found by name, as for such an older study."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(experiment)
     client = MlflowClient(uri)
-    found = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.role` = 'parent'",
-        max_results=1,
-    )
+    by_name = f"tags.`sweep.study` = '{study}' and tags.`sweep.role` = 'parent'"
+    key = f" and tags.`sweep.study_id` = '{study_id}'" if study_id else ""
+    found = client.search_runs([exp.experiment_id], filter_string=by_name + key, max_results=1)
+    if not found and study_id and adopt:
+        found = [
+            r
+            for r in client.search_runs([exp.experiment_id], filter_string=by_name)
+            if "sweep.study_id" not in r.data.tags and r.data.tags.get("sweep.storage") == storage
+        ][:1]
+        if found:
+            client.set_tag(found[0].info.run_id, "sweep.study_id", study_id)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    run = client.create_run(
-        exp.experiment_id,
-        run_name=f"sweep-{study}",
-        tags={"sweep.study": study, "sweep.role": "parent", "sweep.storage": storage},
-    )
+    tags = {"sweep.study": study, "sweep.role": "parent", "sweep.storage": storage}
+    if study_id:
+        tags["sweep.study_id"] = study_id
+    run = client.create_run(exp.experiment_id, run_name=f"sweep-{study}", tags=tags)
     return run.info.run_id
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -25,7 +26,7 @@ from summarizer.config import TrackingConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
 from summarizer.sweep.storage import check_storage, resolve_storage, shown
-from summarizer.sweep.study import WORKER, retry_of, tally
+from summarizer.sweep.study import STUDY_ID, WORKER, retry_of, tally
 from summarizer.tracking import parent_run, preflight, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def summary(study: optuna.Study) -> dict:
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     out = {
         "study": study.study_name,
+        "study_id": study.user_attrs.get(STUDY_ID),
         "direction": study.direction.name,
         "trials": states,
         "done": tally(study)[0],
@@ -85,6 +87,29 @@ def summary(study: optuna.Study) -> dict:
     return out
 
 
+def _owner(folder: Path) -> tuple | None:
+    """(study, study_id) of the report in `folder`, None where there is none."""
+    try:
+        info = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        return info.get("study"), info.get("study_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def report_dir(out_dir: Path, study: optuna.Study) -> Path:
+    """`out_dir`, unless it holds another study's report (another study name, or a new study under
+    the old name, in the same sweep folder): then `<out_dir>-<study>` beside it (with the study's
+    id where that is taken too). A report never replaces another study's."""
+    me = (study.study_name, study.user_attrs.get(STUDY_ID))
+    tries = [out_dir, out_dir.with_name(f"{out_dir.name}-{me[0]}")]
+    if me[1]:
+        tries.append(out_dir.with_name(f"{out_dir.name}-{me[0]}-{me[1][:8]}"))
+    for folder in tries:
+        if _owner(folder) in (None, me):
+            return folder
+    return out_dir.with_name(f"{out_dir.name}-{me[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def report(
     study: optuna.Study,
     out_dir: Path,
@@ -94,6 +119,7 @@ def report(
 ) -> dict:
     """Write the summary and plots to `out_dir` and to the parent run, then end that run with
     `status` (None: leave it running, as while other workers still run trials)."""
+    out_dir = report_dir(out_dir, study)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = summary(study)
     write_atomic(out_dir / "summary.json", json.dumps(info, indent=2, ensure_ascii=False))
@@ -160,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.study_name for s in optuna.get_all_study_summaries(url)]
         print(f"error: no study {args.study!r} in {shown(url)} (studies: {names})", file=sys.stderr)
         return 2
-    parent = parent_run(uri, args.experiment, args.study, shown(url))
+    parent = parent_run(
+        uri, args.experiment, args.study, shown(url), study.user_attrs.get(STUDY_ID)
+    )
     done, running, _ = tally(study)
     # A sweep still running (other workers) keeps its parent run open; its last worker ends it.
     status = None if running else ("FINISHED" if done else "KILLED")

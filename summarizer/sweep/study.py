@@ -6,7 +6,14 @@ trial with the same parameters (and user attrs) and keeps the chain in the new t
 (`failed_trial`: the first trial of the chain, `retry_history`: every trial before this one), at
 most `max_retries` times per chain. The storage calls it for a stale heartbeat (any host); the
 sweeper calls the same callback for a trial it cut off itself or found left running by a dead
-sweeper on its own host. `tally` counts a FAIL as done unless a later trial retries it.
+sweeper on its own host. `tally` counts a FAIL as done unless a later trial retries it;
+`retry_failed` (hydra.sweeper.retry_failed=true) queues genuine failures once more, linked by the
+`retry_of_failed` user attr instead of the chain, so that the chain's max_retries stays whole for
+interruptions of the retry.
+
+The study keeps its own identity (`study_id`, a UUID: a new study under an old name is another
+study) and the fixed settings its trials run with (`settings`): a sweeper whose settings differ
+stops instead of adding trials on other data or another model (`check_settings`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import copy
 import logging
 import socket
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from summarizer import compat
 from summarizer.config import SamplerConf
+from summarizer.errors import UserError
 from summarizer.sweep.pruners import build_sampler
 from summarizer.sweep.services import pid_alive
 from summarizer.sweep.storage import engine_kwargs, storage_lock
@@ -36,6 +45,25 @@ WORKER = "worker"  # user attr: host:pid of the sweeper process running the tria
 INTERRUPTED = "interrupted"  # user attr of a trial cut off by Ctrl-C or a dead worker
 ERROR = "error"  # user attr of a failed trial: the line of its job.log that says why
 JOINED = "sweepers_joined"  # study user attr: sweeper processes started on it (seed offsets)
+STUDY_ID = "study_id"  # study user attr: a UUID given at creation (the MLflow parent's key)
+SETTINGS = "settings"  # study user attr: {key: value} of the settings every trial runs with
+SEARCHED = "searched"  # study user attr: the keys searched when SETTINGS was stored
+RETRY_OF_FAILED = "retry_of_failed"  # user attr of a trial re-running a FAILED one (retry_failed)
+
+# Settings that say where or how a trial runs, not what it computes: workers and reruns may differ
+# in them (a key, or a prefix ending in "."). The sweeper's own settings (n_trials, n_jobs, gpus,
+# storage) are under hydra.*, which is not part of the settings at all.
+MAY_DIFFER = (
+    "output_dir",
+    "cache_dir",
+    "train.resume",
+    "distributed.backend",
+    "distributed.master_port",
+    "distributed.nproc",
+    "tracking.",
+    "trial.",  # the job's link to its trial, and the pruner (like the sampler: how to search)
+    "sweep",  # the sweep file's name: its content is in the settings
+)
 
 # The heartbeat, fail_stale_trials and the retry callback are experimental in Optuna: used here
 # as documented, so their warning (issued in this module's frames) says nothing to a user.
@@ -78,7 +106,95 @@ def retry_of(trial: FrozenTrial) -> int | None:
     """The number of the trial that `trial` (a FrozenTrial: Optuna keeps the retry chain in system
     attrs, which a live Trial does not show) runs again, or None for a trial of its own."""
     history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
-    return history[-1] if history else None
+    return history[-1] if history else trial.user_attrs.get(RETRY_OF_FAILED)
+
+
+def identify(study: optuna.Study) -> tuple[str, bool]:
+    """(the study's identity, True when this call gave it one): a study made before identities
+    existed gets one on its first resume. Call under storage_lock, so workers agree on one."""
+    found = study.user_attrs.get(STUDY_ID)
+    if found:
+        return found, False
+    made = uuid.uuid4().hex
+    study.set_user_attr(STUDY_ID, made)
+    return made, True
+
+
+def _may_differ(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_DIFFER)
+
+
+def _short(value: str | None) -> str:
+    text = "(unset)" if value is None else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_settings(
+    study: optuna.Study, settings: dict[str, str], searched: set[str], where: str
+) -> None:
+    """Keep `settings` (the composed config's keys that are neither searched nor MAY_DIFFER, as
+    strings) in a study that has none; in one that has, refuse other values with one line naming
+    the first differing key, both values, and how to start a new study. A key searched now or when
+    the settings were stored is left out (a rerun may change the search space). A study without
+    any result (all its trials FAILED or queued, none running) takes the new settings: nothing
+    measured on the old ones would be mixed with them. Call under storage_lock."""
+    settings = {k: v for k, v in settings.items() if not _may_differ(k)}
+    stored = study.user_attrs.get(SETTINGS)
+    if stored is not None:
+        skip = searched | set(study.user_attrs.get(SEARCHED, []))
+        # Keys on one side only are the schema's (a key added or dropped by an upgrade).
+        keys = sorted(
+            k for k in stored.keys() & settings.keys()
+            if k not in skip and not _may_differ(k) and stored[k] != settings[k]
+        )  # fmt: skip
+        if not keys:
+            return
+        results = study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        )
+        key = keys[0]
+        if results:
+            taken = set(optuna.get_all_study_names(compat.storage(study)))
+            new = next(f"{study.study_name}_{n}" for n in range(2, 10_000)
+                       if f"{study.study_name}_{n}" not in taken)  # fmt: skip
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise UserError(
+                f"hydra.sweeper.study_name={study.study_name}: {key}={_short(settings.get(key))} "
+                f"here, but the study's trials in {where} ran with {key}="
+                f"{_short(stored.get(key))}{more}; rerun with the study's settings, or start a "
+                f"new study: hydra.sweeper.study_name={new}"
+            )
+        log.warning(
+            "study %r has no result yet: its trials now run with this command's settings (%s: "
+            "%s -> %s)",
+            study.study_name, key, _short(stored.get(key)), _short(settings.get(key)),
+        )  # fmt: skip
+    study.set_user_attr(SETTINGS, settings)
+    study.set_user_attr(SEARCHED, sorted(searched))
+
+
+def failed(study: optuna.Study) -> list[FrozenTrial]:
+    """The FAILED trials that count as done: nothing runs them again."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {retry_of(t) for t in trials}
+    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+
+
+def retry_failed(study: optuna.Study) -> list[int]:
+    """Queue the parameters of every FAILED trial that nothing runs again yet, once (its cause was
+    fixed): the failure then no longer counts as done, its retry does. Returns their numbers. Call
+    under storage_lock, so two workers do not queue the same failure twice."""
+    again = failed(study)
+    for t in again:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs={RETRY_OF_FAILED: t.number},
+            )
+        )
+    return [t.number for t in again]
 
 
 def frozen(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> FrozenTrial:
@@ -100,7 +216,7 @@ def tally(study: optuna.Study) -> tuple[int, int, int]:
     (Optuna's MaxTrialsCallback counts states inside study.optimize: it cannot leave retried
     failures out, nor count the trials running in other processes.)"""
     trials = study.get_trials(deepcopy=False)
-    retried = {retry_of(t) for t in trials}
+    retried = {retry_of(t) for t in trials}  # by the chain, or by retry_failed
     done = running = waiting = 0
     for t in trials:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):

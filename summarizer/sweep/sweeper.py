@@ -69,12 +69,16 @@ from summarizer.sweep.study import (
     JOINED,
     WORKER,
     beat,
+    check_settings,
     claim,
+    failed,
     frozen,
+    identify,
     keep_result,
     open_study,
     recover_dead_trials,
     requeue,
+    retry_failed,
     search_space,
     tally,
 )
@@ -101,6 +105,7 @@ class SummarizerSweeperConf:
     heartbeat_interval: int = 20  # seconds between heartbeats of a running trial
     grace_period: int = 120  # a trial silent this long is stale (its worker died)
     max_retries: int = 1  # re-runs of a trial cut off by an interruption
+    retry_failed: bool = False  # queue the study's FAILED trials once more (their cause was fixed)
     report: bool = True  # plots + best-trial summary at the end (also: make sweep-report)
 
 
@@ -119,6 +124,7 @@ class SummarizerSweeper(Sweeper):
         self.jobs: dict[int, Any] = {}  # trial number -> submitit job
         self.told: set[int] = set()  # trials whose outcome was told
         self.errors: list[Exception] = []
+        self.outcomes: list[tuple] = []  # (number, state, why, log) of each trial this process told
         self.me = f"{socket.gethostname()}:{os.getpid()}"
         self.launcher = None
         self.executor = None
@@ -167,7 +173,16 @@ class SummarizerSweeper(Sweeper):
             [f"{k}={v}" for k, v in c.params.items()] + list(arguments)
         )
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
-        self.parent_run = self._mlflow_parent()
+        if self._tracking_uri():
+            import mlflow  # noqa: F401  (seconds of import: not while holding the lock below)
+        # Under the study's lock: workers starting together agree on the study's identity and
+        # settings, and create one MLflow experiment and parent run.
+        with storage_lock(self.url, c.study_name):
+            self.study_id, made_now = identify(self.study)
+            check_settings(self.study, self._settings(fixed), set(self.space), shown(self.url))
+            # A study older than identities: its parent run from then is its own.
+            older = made_now and bool(self.study.get_trials(deepcopy=False))
+            self.parent_run = self._mlflow_parent(adopt=older)
         with storage_lock(self.url, c.study_name):  # one enqueue, not one per worker
             if not self.study.get_trials(deepcopy=False):
                 for params in c.enqueue:
@@ -175,6 +190,12 @@ class SummarizerSweeper(Sweeper):
             joined = int(self.study.user_attrs.get(JOINED, 0))
             self.study.set_user_attr(JOINED, joined + 1)
             lost = recover_dead_trials(self.study, c.max_retries, read_result)
+            again = retry_failed(self.study) if c.retry_failed else []
+        if again:
+            log.info(
+                "hydra.sweeper.retry_failed=true: failed trial(s) %s queued again",
+                ", ".join(map(str, again)),
+            )
         for number, again in lost:
             self._mlflow_fail(number, status="KILLED")
             log.warning(
@@ -236,7 +257,55 @@ class SummarizerSweeper(Sweeper):
                     f"({first_line(e.orig or e)}); rerun the same command to resume"
                 ) from e
             raise e
+        self._check_outcome()
         return []
+
+    def _settings(self, fixed: dict) -> dict[str, str]:
+        """What every trial of this sweep runs with, as strings: the composed config without
+        Hydra's part, the config groups' choices, and this command's fixed values on top."""
+        from summarizer.tracking import flatten
+
+        tree = OmegaConf.to_container(self.config, resolve=False)  # as written: ${...} stay
+        tree.pop("hydra", None)
+        out = flatten(tree)
+        choices = OmegaConf.select(self.config, "hydra.runtime.choices") or {}
+        out.update({g: str(o) for g, o in choices.items() if not g.startswith("hydra/")})
+        out.update({k.lstrip("+~"): str(v) for k, v in fixed.items()})
+        return out
+
+    def _check_outcome(self) -> None:
+        """A sweep without any result is an error (exit 2): every trial this process ran failed,
+        or it ran none and the study's trials are all FAILED. Some failures among results are a
+        warning that says how to run them again."""
+        c = self.conf
+        again = "rerun with hydra.sweeper.retry_failed=true to run them again"
+        mine = [o for o in self.outcomes if o[1] == "FAIL"]
+        if self.outcomes and len(mine) == len(self.outcomes):
+            number, _, why, logs = mine[0]
+            raise UserError(
+                f"all {len(mine)} trial(s) of this sweep failed; the first, trial {number}: "
+                f"{why} (see {logs}); fix the cause and {again}"
+            )
+        if self.outcomes:
+            return
+        lost = failed(self.study)
+        if not lost:
+            return
+        first = lost[0]
+        why = first.user_attrs.get(ERROR) or "no error line"
+        where = Path(first.user_attrs.get("output_dir", self.sweep_dir)) / "job.log"
+        good = self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+        )
+        if not good:
+            raise UserError(
+                f"study {c.study_name!r}: all {len(lost)} trial(s) FAILED and count as done, so "
+                f"nothing ran; the first, trial {first.number}: {why} (see {where}); {again}"
+            )
+        log.warning(
+            "study %r: %d FAILED trial(s) count as done (the first, trial %d: %s); %s",
+            c.study_name, len(lost), first.number, why, again,
+        )  # fmt: skip
 
     def _worker(self, gpu: int | None) -> None:
         try:
@@ -360,16 +429,20 @@ class SummarizerSweeper(Sweeper):
                 )
             elif result and result.get("state") == "PRUNED":
                 self.study.tell(trial, state=TrialState.PRUNED)
+                self.outcomes.append((trial.number, "PRUNED", None, logs))
                 log.info("trial %d pruned", trial.number)
             elif result and result.get("state") == "COMPLETE" and result.get("value") is not None:
                 keep_result(self.study, trial, result)
                 self.study.tell(trial, float(result["value"]))
+                self.outcomes.append((trial.number, "COMPLETE", None, logs))
                 log.info("trial %d finished: %.4f", trial.number, result["value"])
             else:
                 reason = jobs.failure_line(logs)
                 if reason:  # kept in the study: the report and other workers can show it
                     trial.set_user_attr(ERROR, reason)
                 self.study.tell(trial, state=TrialState.FAIL)
+                why = reason or f"exit code {returncode}"
+                self.outcomes.append((trial.number, "FAIL", why, logs))
                 self._mlflow_fail(trial.number)
                 log.warning(
                     "trial %d FAILED (exit code %s)%s; see %s",
@@ -406,21 +479,23 @@ class SummarizerSweeper(Sweeper):
             return None
         return resolve_uri(t.uri, self.launch_dir)
 
-    def _mlflow_parent(self) -> str | None:
-        """The sweep's parent run: found again by tag (a rerun, another worker), else created."""
+    def _mlflow_parent(self, adopt: bool = False) -> str | None:
+        """The sweep's parent run: found again by the study's identity (a rerun, another worker),
+        else created. Call under the study's lock."""
         uri = self._tracking_uri()
         if not uri:
             return None
-        import mlflow  # noqa: F401  (seconds of import: not while holding the lock below)
-
         from summarizer.tracking import parent_run, preflight
 
-        # Under the study's lock: workers starting together create one experiment and one run.
-        with storage_lock(self.url, self.conf.study_name):
-            preflight(self.config.tracking, uri)  # an unreachable server: one line, in seconds
-            return parent_run(
-                uri, self.config.tracking.experiment, self.conf.study_name, shown(self.url)
-            )
+        preflight(self.config.tracking, uri)  # an unreachable server: one line, in seconds
+        return parent_run(
+            uri,
+            self.config.tracking.experiment,
+            self.conf.study_name,
+            shown(self.url),
+            self.study_id,
+            adopt=adopt,
+        )
 
     def _mlflow_fail(self, number: int, status: str = "FAILED") -> None:
         """End trial `number`'s MLflow run if its job could not (killed, died with its worker).
