@@ -26,7 +26,12 @@ more instead of resuming to n_trials. This sweeper reuses its search-space synta
   sweep/storage.py) under the sweep's name. A rerun resumes it to n_trials: COMPLETE, PRUNED and
   genuinely FAILED trials count; trials cut off by Ctrl-C, a killed sweeper (same host, dead pid)
   or a stale heartbeat (any host) are FAILED and run again with the same parameters by Optuna's
-  RetryHeartbeatStaleTrialCallback, at most `max_retries` times (sweep/study.py).
+  RetryHeartbeatStaleTrialCallback, at most `max_retries` times (sweep/study.py). A sweep without
+  any result (every trial it ran FAILED) exits 2 naming the first failure;
+  `retry_failed=true` queues the study's FAILED trials once more after the cause was fixed.
+- One study, one set of settings: the study keeps its fixed settings (config minus searched keys)
+  and its identity (a UUID); a sweeper with other settings stops in one line, and a new study
+  under an old name gets its own MLflow parent run and report folder.
 - Workers: several sweeper processes — on one machine or many — started with the same `storage` and
   `study_name` share the sweep. Each claim (fail stale trials, count, ask) runs under a lock held by
   the storage itself, so no worker overshoots n_trials, and Optuna hands each trial, queued or new,
