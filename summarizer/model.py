@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -40,12 +41,67 @@ def check_device(cfg: ModelConfig) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
-    """(model, tokenizer) for the preset: tokenizer left-padded, pad token set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+TINY_CONTEXT = 4096  # the tiny preset's max_position_embeddings
+
+
+def context_length(cfg: ModelConfig, cache_dir: str) -> int | None:
+    """The preset's context in tokens when it is known without loading anything (the tiny preset,
+    a local folder's or the cache's config.json), else None: build_model checks it then."""
+    if cfg.source == "tiny":
+        return TINY_CONTEXT
+    folder = None
+    if cfg.source == "local":
+        folder = Path(cfg.path)
+    elif cfg.source == "gguf":  # its converted copies in the cache (the first use converts one)
+        copies = Path(cache_dir).expanduser().glob(f"models/{cfg.name}-*/config.json")
+        found = {_context_of(_read_json(p)) for p in copies}
+        return found.pop() if len(found) == 1 else None
+    elif cfg.source == "hub" and cfg.path:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    return _context_of(_read_json(folder / "config.json")) if folder else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _context_of(config) -> int | None:
+    """max_position_embeddings (or the older names) of a model config, a dict or an HF config; a
+    multimodal config keeps it in its text_config."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    text = get("text_config")
+    return _context_of(text) if text else None
+
+
+def check_max_length(max_length: int, limit: int | None, name: str) -> None:
+    if limit and max_length > limit:
+        raise UserError(
+            f"train.max_length={max_length} is longer than model={name}'s context ({limit} tokens, "
+            f"max_position_embeddings); set train.max_length <= {limit}"
+        )
+
+
+def build_model(
+    cfg: ModelConfig, quant: QuantConfig, cache_dir: str, max_length: int | None = None
+):
+    """(model, tokenizer) for the preset: tokenizer left-padded, pad token set. `max_length`
+    (train.max_length) is checked against the model's context before its weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_device(cfg)
     if cfg.source == "tiny":
+        if max_length:
+            check_max_length(max_length, TINY_CONTEXT, cfg.name)
         model, tokenizer = _build_tiny(cfg, cache_dir)
     else:
         offline = False
@@ -80,6 +136,14 @@ def build_model(cfg: ModelConfig, quant: QuantConfig, cache_dir: str):
                 trust_remote_code=cfg.trust_remote_code,
                 local_files_only=offline,
             )
+            if max_length:  # before the weights: a too-long setting is an error, not an OOM
+                config = AutoConfig.from_pretrained(
+                    path,
+                    revision=revision,
+                    trust_remote_code=cfg.trust_remote_code,
+                    local_files_only=offline,
+                )
+                check_max_length(max_length, _context_of(config), cfg.name)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as e:
             if cfg.source != "hub":
@@ -239,7 +303,7 @@ def _build_tiny(cfg: ModelConfig, cache_dir: str):
         num_hidden_layers=t.num_hidden_layers,
         num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=TINY_CONTEXT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

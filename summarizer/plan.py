@@ -33,6 +33,9 @@ def make(cfg, world_size: int | None = None) -> Plan:
     check_generate(cfg.generate)
     check_data(cfg.data, cfg.prompt)
     check_lora(cfg.lora)
+    # the model's context, when known without loading it (else build_model checks it first thing)
+    limit = model.context_length(cfg.model, cfg.cache_dir)
+    model.check_max_length(cfg.train.max_length, limit, cfg.model.name)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
