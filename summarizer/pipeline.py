@@ -64,7 +64,9 @@ def run(cfg: DictConfig) -> float:
 
     # Model and prompts: the same builder for training rows and generation prompts.
     with distributed.main_first():  # DDP: rank 0 converts / downloads, the others read the cache
-        base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
+        base, tokenizer = model.build_model(
+            cfg.model, cfg.quant, cfg.cache_dir, max_length=cfg.train.max_length
+        )
     fmt = prompt.resolve_format(cfg.prompt.format, tokenizer)
     stop_id = model.stop_token_id(cfg.model, tokenizer)
     shots = prompt.ShotSelector(cfg.prompt.fewshot, [e for e in train_ex if e.source == "original"])
@@ -131,8 +133,13 @@ def run(cfg: DictConfig) -> float:
             if not main:  # the other DDP ranks only train; rank 0 saves, generates and scores
                 return float("nan")
             if cfg.stages.train:
-                lm.save_pretrained(out / "adapter")
-                tokenizer.save_pretrained(out / "adapter")
+                try:
+                    lm.save_pretrained(out / "adapter")
+                    tokenizer.save_pretrained(out / "adapter")
+                except Exception as e:  # torch and safetensors raise their own types for ENOSPC
+                    if not resume.is_disk_full(e):
+                        raise
+                    raise resume.disk_full(out / "adapter", out) from e
                 if cfg.tracking.log_adapter:
                     tracking.log_artifact(out / "adapter")
             # a 4-bit model decodes ~8x slower than a bf16 copy with the adapter merged in

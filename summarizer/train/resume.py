@@ -8,7 +8,9 @@ and the MLflow run recorded in `mlflow_run_id` is continued, not duplicated. Wit
 
 from __future__ import annotations
 
+import errno
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from summarizer.errors import UserError
 from summarizer.sweep.trial import read_result
 from summarizer.tracking import flatten
-from summarizer.train.checkpoints import last_good_checkpoint
+from summarizer.train.checkpoints import MANIFEST, last_good_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +114,55 @@ def _changes(saved: Path, cfg: DictConfig) -> str:
 def _short(value: str | None) -> str:
     text = repr(value) if value is None or "\n" in value else value
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def command(out: Path, resume: bool = True) -> str:
+    """The command line that continues the run in `out`: this invocation's overrides, its folder
+    and train.resume=true (resume=False: the same run started again, in a new folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    own = ("hydra.run.dir", "output_dir", "train.resume")
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in own]
+    tail = [f"hydra.run.dir={out}", "train.resume=true"] if resume else []
+    return shlex.join(["python", "-m", "summarizer", *keep, *tail])
+
+
+def last_saved(out: Path) -> Path | None:
+    """The newest checkpoint in `out` whose saving finished (its manifest is written last)."""
+    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / MANIFEST).is_file()]
+    found = [p for p in found if p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def stopped(out: Path, why: str, first: str = "") -> str:
+    """One line for a run stopped part-way (`why`): its last checkpoint and how to continue
+    (`first`: what to do before)."""
+    last = last_saved(out)
+    if last is None:
+        return (
+            f"{why}; no checkpoint was saved yet (train.save_steps), nothing to resume; {first}"
+            f"start it again: {command(out, resume=False)}"
+        )
+    return f"{why}; the last good checkpoint {last} is kept; {first}resume with: {command(out)}"
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC, as OSError or as torch's / safetensors' own write errors (they lose the errno)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if any(t in text for t in ("No space left", "inline_container.cc", "StorageFull")):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def disk_full(saving: Path, out: Path) -> UserError:
+    """The error for a save that ran out of disk space; the half-written `saving` is removed."""
+    import shutil
+
+    shutil.rmtree(saving, ignore_errors=True)  # never resumed from, and it holds the space
+    return UserError(stopped(out, f"disk full while saving {saving}", "free space, then "))

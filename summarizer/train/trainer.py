@@ -19,6 +19,7 @@ from summarizer.files import write_atomic
 from summarizer.prompt import IGNORE_INDEX
 from summarizer.speed import graph_step
 from summarizer.speed.switches import TrainPlan, train_plan
+from summarizer.train import resume
 from summarizer.train.checkpoints import LOSS_STATE, write_manifest
 from summarizer.train.loss import completion_loss
 
@@ -39,15 +40,20 @@ class CompletionOnlyTrainer(SFTTrainer):
         folder = Path(
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
-        if self.args.should_save:
-            # HF keeps the loss sum in memory only: a resumed run would average its own steps alone.
-            total = self.loss_before + compat.trainer_loss_sum(self)
-            state = {"train_loss_sum": total, "global_step": self.state.global_step}
-            write_atomic(folder / LOSS_STATE, json.dumps(state))
-        super()._save_checkpoint(model, trial)  # ends with trainer_state.json
-        self.accelerator.wait_for_everyone()  # DDP: every rank's rng_state_N.pth is in, then hash
-        if self.args.should_save:
-            write_manifest(folder)
+        try:
+            if self.args.should_save:
+                # HF keeps the loss sum in memory only: a resumed run would average its own steps.
+                total = self.loss_before + compat.trainer_loss_sum(self)
+                state = {"train_loss_sum": total, "global_step": self.state.global_step}
+                write_atomic(folder / LOSS_STATE, json.dumps(state))
+            super()._save_checkpoint(model, trial)  # ends with trainer_state.json
+            self.accelerator.wait_for_everyone()  # DDP: every rank's rng_state_N.pth is in
+            if self.args.should_save:
+                write_manifest(folder)
+        except Exception as e:  # torch and safetensors raise their own types for ENOSPC
+            if not resume.is_disk_full(e):
+                raise
+            raise resume.disk_full(folder, Path(self.args.output_dir).parent) from e
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """HF's step (forward, backward), or its CUDA-graph replay; the Trainer still clips the
