@@ -84,6 +84,33 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(f in message for f in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Drop the start-up lines a user cannot act on; every other warning stays. Called first by
+    the commands, before the libraries are imported."""
+    import warnings
+
+    # bitsandbytes asks for an optional kernel package at import, even with quant=none
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("kernels-community"))
+    # transformers checks checkpoint mtimes and falls back to step numbers, which is what we want
+    logging.getLogger("transformers.trainer_utils").addFilter(_DropMessages("mtime may not be"))
+    # deprecations raised by the libraries' own calls inside the tested versions, not by settings
+    warnings.filterwarnings(
+        "ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
+    # Optuna marks features as experimental (heartbeats, retries) that the sweeps rely on on purpose
+    warnings.filterwarnings("ignore", message=r".* is experimental \(supported from v")
+
+
 def preflight(cfg: TrackingConfig, uri: str) -> None:
     """Fail before training, not after it, when the tracking store cannot be used."""
     if not cfg.enabled:
