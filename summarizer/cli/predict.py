@@ -65,7 +65,9 @@ def predict(
         cfg.model.source, cfg.model.path = "local", str(merged)
         cfg.quant.method = "none"
     run_plan = preflight.make(OmegaConf.merge(cfg, {"stages": {"train": False}}))
-    base, tokenizer = model.build_model(cfg.model, cfg.quant, cfg.cache_dir)
+    base, tokenizer = model.build_model(
+        cfg.model, cfg.quant, cfg.cache_dir, max_length=cfg.train.max_length
+    )
     lm = base if merged else model.load_adapter(base, str(adapter or run_dir / "adapter"))
     if not merged and run_plan.generate.merged:  # as the pipeline generates
         lm = merge.merged_for_generation(lm)
@@ -74,6 +76,25 @@ def predict(
     shots = prompt.ShotSelector(cfg.prompt.fewshot, train_ex)
     encode = pipeline.make_encoder(cfg, tokenizer, fmt, stop_id, shots)
     return pipeline.summarize(cfg, lm, tokenizer, rows, encode, stop_id, run_plan.generate)
+
+
+def check_columns(cfg, run_dir: Path, path: Path) -> None:
+    """The input's columns are the run's (predict takes no data.* settings): a missing one is
+    named with what to rename, before data.load suggests settings this command does not read."""
+    records = data.read_records(path)
+    columns = set().union(*(r.keys() for r in records))
+    wanted = {
+        "data.id_column": cfg.data.id_column,
+        "data.dialogue_column": cfg.data.dialogue_column,
+    }
+    missing = {k: v for k, v in wanted.items() if v not in columns}
+    if missing:
+        names = ", ".join(f"{k}={v!r}" for k, v in missing.items())
+        raise UserError(
+            f"{path}: missing column(s) {sorted(missing.values())}; found {sorted(columns)}; "
+            f"predict reads the run's columns ({names} in {run_dir / 'config.yaml'}): rename the "
+            "input's columns to those"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("stdin: empty dialogue")
             rows = [data.Example("stdin", text)]
         else:
+            check_columns(cfg, args.run, Path(args.input))
             rows = data.load(cfg.data, args.input, require_summary=False)
             output = args.output or Path(f"{args.input}.predictions.csv")
             if output.exists():
