@@ -47,7 +47,12 @@ def main(cfg: DictConfig) -> float:
             os.environ.pop(name, None)
     for handler in logging.getLogger().handlers:  # console and the job's log file
         handler.addFilter(tracking.RedactSecrets())
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = HydraConfig.get()
+    # Hydra's record of the command and config: no secret stays on disk. Every .hydra* folder (a
+    # resumed run has several); hydra.output_subdir would resolve afresh to a new name here.
+    for record in Path(hc.runtime.output_dir).glob(".hydra*"):
+        tracking.redact_files(record)
+    multirun = hc.mode == RunMode.MULTIRUN
     # A plain run, not a sweep's trial (the sweeper handles a trial's folder and its signals).
     plain = not multirun and cfg.trial.number is None
     out = Path(cfg.output_dir)

@@ -17,6 +17,7 @@ from urllib.request import getproxies, proxy_bypass
 
 from summarizer.config import TrackingConfig
 from summarizer.errors import UserError, first_line
+from summarizer.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,17 @@ def redact(text: str) -> str:
     for secret in _secrets():
         text = text.replace(secret, "***")
     return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def redact_files(folder: Path) -> None:
+    """Rewrite the YAML files in `folder` with every secret masked. Hydra records a job's command
+    and config in .hydra/ as typed, before the job runs: a password in tracking.uri (or a key
+    passed on the command line) would stay there in plain text."""
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        text = path.read_text(encoding="utf-8")
+        masked = redact(text)
+        if masked != text:
+            write_atomic(path, masked)
 
 
 class RedactSecrets(logging.Filter):
