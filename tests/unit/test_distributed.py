@@ -138,8 +138,8 @@ if mode == "user_error":
     print("error: data file not found: nowhere.csv", file=sys.stderr)
     sys.exit(2)
 if mode in ("crash", "interrupt"):
-    (out / f"started{rank}").write_text("")
-    try:
+    try:  # the mark inside: a Ctrl-C right after it still lands in the handler below
+        (out / f"started{rank}").write_text("")
         time.sleep(60)
     except KeyboardInterrupt:
         (out / f"interrupted{rank}").write_text("")
