@@ -108,8 +108,12 @@ format: $(STAMP) ## ruff autofix and format
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-mlflow-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over ./mlflow.db
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+MLFLOW_DB ?= sqlite:///mlflow.db
+EXPERIMENT ?= summarizer
+UI_PORT ?= 5000
+mlflow-ui: $(STAMP) ## MLflow UI over ./mlflow.db (MLFLOW_DB); prints the address of EXPERIMENT's runs table
+	@echo "runs of $(EXPERIMENT): $$($(PY) -m summarizer.tracking $(MLFLOW_DB) $(EXPERIMENT) http://127.0.0.1:$(UI_PORT))"
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port $(UI_PORT)
 
 clean: ## remove caches (keeps outputs/, multirun/, mlflow.db: your runs)
 	rm -rf .pytest_cache .ruff_cache $$(find . -name __pycache__ -not -path './$(VENV)/*')

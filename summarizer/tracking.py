@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -142,10 +143,96 @@ def preflight(cfg: TrackingConfig, uri: str) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(cfg.experiment)
+        use_experiment(uri, cfg.experiment)
     except Exception as e:  # MLflow raises many types for an unusable store
         first = first_line(e)
         raise UserError(f"tracking.uri={uri}: MLflow store not usable ({first[:300]})") from e
+
+
+# MLflow's UI opens an experiment by its kind: without this tag it guesses GenAI (traces) for a new
+# one; model training opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A view of the runs table kept in the experiment (MLflow's "share view" tags): the URL
+# ...?viewStateShareKey=VIEW_KEY opens it with these columns and the sweeps' children shown.
+VIEW_KEY = "summarizer"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+HEADLINE = ("model", "data", "lora.r", "lora.alpha", "train.lr", "prompt.fewshot.k", "selection")
+HEADLINE += ("augmentation",)
+COLUMNS = [f"params.`{k}`" for k in HEADLINE] + [
+    f"metrics.`{k}`" for k in ("rouge1", "rouge2", "rougeL", "rouge_sum", "eval_loss")
+]
+
+
+def use_experiment(uri: str, name: str):
+    """The experiment `name` (created if new), tagged as model training with the runs view."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp = mlflow.set_experiment(name)
+    missing = {k: v for k, v in EXPERIMENT_KIND.items() if exp.tags.get(k) != v}
+    if VIEW_TAG not in exp.tags:
+        missing[VIEW_TAG] = json.dumps({"selectedColumns": COLUMNS, "runsExpanded": {}})
+    client = MlflowClient(uri)
+    for k, v in missing.items():
+        client.set_experiment_tag(exp.experiment_id, k, v)
+    return exp
+
+
+def expand_in_view(uri: str, experiment_id: str, run_id: str) -> None:
+    """Show a sweep's children under its parent in the shared runs view."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    raw = client.get_experiment(experiment_id).tags.get(VIEW_TAG)
+    view = json.loads(raw) if raw else {"selectedColumns": COLUMNS}
+    if not view.setdefault("runsExpanded", {}).get(run_id):
+        view["runsExpanded"][run_id] = True
+        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(view))
+
+
+def runs_url(uri: str, experiment: str, server: str) -> str:
+    """The address of `experiment`'s runs table with the shared view, on the UI at `server`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = use_experiment(uri, experiment)
+    return (
+        f"{server.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    )
+
+
+def headline(params: dict) -> dict[str, str]:
+    """The settings a reader compares runs by, under short names (the full config is there too)."""
+    flat = flatten(params)
+    aug = params.get("augmentation") or {}
+    on = [k for k, v in aug.items() if isinstance(v, dict) and v.get("enabled")]
+    out = {
+        "model": flat.get("model.name"),
+        "data": flat.get("data.name"),
+        "lora.r": flat.get("lora.r"),
+        "lora.alpha": flat.get("lora.alpha"),
+        "train.lr": flat.get("train.lr"),
+        "prompt.fewshot.k": flat.get("prompt.fewshot.k"),
+        "selection": flat.get("prompt.fewshot.selection"),
+        "augmentation": "+".join(sorted(on)) or "none",
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def describe(params: dict, tags: dict) -> str:
+    """One line for the run's description (`mlflow.note.content`)."""
+    h = headline(params)
+    text = (
+        f"{h.get('model', '?')} on {h.get('data', '?')}: LoRA r={h.get('lora.r', '?')} "
+        f"alpha={h.get('lora.alpha', '?')}, lr={h.get('train.lr', '?')}, "
+        f"{h.get('prompt.fewshot.k', '0')}-shot ({h.get('selection', 'fixed')}), "
+        f"augmentation: {h.get('augmentation', 'none')}."
+    )
+    if "optuna.trial" in tags:
+        text += f" Sweep {tags.get('optuna.study')} trial {tags['optuna.trial']}."
+    if "output_dir" in tags:
+        text += f" Output folder: {tags['output_dir']}"
+    return text
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:
@@ -187,7 +274,8 @@ def run(
     preflight(cfg, uri)
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
-    tags = {k: redact(str(v)) for k, v in {**tags, "state": "RUNNING"}.items()}
+    tags = {"mlflow.note.content": describe(params, tags), **tags, "state": "RUNNING"}
+    tags = {k: redact(str(v)) for k, v in tags.items()}
     logged: dict[str, str] = {}
     if resume_run_id:
         logged = _existing_params(resume_run_id, uri)
@@ -196,7 +284,8 @@ def run(
         start = {"run_name": redact(run_name)}
     with mlflow.start_run(**start, tags=tags) as active:
         try:
-            items = [(k, v) for k, v in flatten(params).items() if k not in logged]
+            every = {**flatten(params), **headline(params)}
+            items = [(k, v) for k, v in every.items() if k not in logged]
             for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per call
                 mlflow.log_params(dict(items[i : i + 100]))
             yield active
@@ -265,7 +354,7 @@ def parent_run(
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(experiment)
+    exp = use_experiment(uri, experiment)
     client = MlflowClient(uri)
     by_name = f"tags.`sweep.study` = '{study}' and tags.`sweep.role` = 'parent'"
     key = f" and tags.`sweep.study_id` = '{study_id}'" if study_id else ""
@@ -285,6 +374,7 @@ def parent_run(
     if study_id:
         tags["sweep.study_id"] = study_id
     run = client.create_run(exp.experiment_id, run_name=f"sweep-{study}", tags=tags)
+    expand_in_view(uri, exp.experiment_id, run.info.run_id)
     return run.info.run_id
 
 
@@ -316,3 +406,20 @@ def end_run_if_running(uri: str, run_id: str, status: str, state: str) -> None:
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_tag(run_id, "state", state)
         client.set_terminated(run_id, status=status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m summarizer.tracking URI EXPERIMENT SERVER`: print the runs view's address."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m summarizer.tracking", description=main.__doc__)
+    p.add_argument("uri")
+    p.add_argument("experiment")
+    p.add_argument("server")
+    args = p.parse_args(argv)
+    print(runs_url(resolve_uri(args.uri, Path.cwd()), args.experiment, args.server))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
