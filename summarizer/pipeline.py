@@ -15,7 +15,17 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from summarizer import augment, data, distributed, generate, metrics, model, prompt, tracking
+from summarizer import (
+    augment,
+    compat,
+    data,
+    distributed,
+    generate,
+    metrics,
+    model,
+    prompt,
+    tracking,
+)
 from summarizer import plan as preflight
 from summarizer.errors import UserError
 from summarizer.files import write_atomic, write_csv
@@ -100,6 +110,10 @@ def run(cfg: DictConfig) -> float:
         ) as r:
             if r:
                 write_atomic(out / "mlflow_run_id", r.info.run_id)
+            # First: a run cut short (pruned, failed) still has what it ran with, so comparing
+            # runs in the UI never meets one without artifacts.
+            tracking.log_artifact(out / "config.yaml")
+            tracking.log_artifact(out / "split.json")
             tracking.log_metrics(aug_stats)  # aug_rows_before / _generated / _kept / _after ...
             tracking.log_artifact(out / augment.SAMPLE_FILE)
             lm = base
@@ -114,17 +128,21 @@ def run(cfg: DictConfig) -> float:
                     cfg.train.upcast_frozen,
                     seed=cfg.train.seed,
                 )
-                figures = fit(
-                    cfg.train,
-                    lm,
-                    tokenizer,
-                    train_rows,
-                    eval_rows,
-                    out,
-                    trainer_callbacks,
-                    checkpoint,
-                    plan=plan.train,
-                )
+                try:
+                    figures = fit(
+                        cfg.train,
+                        lm,
+                        tokenizer,
+                        train_rows,
+                        eval_rows,
+                        out,
+                        trainer_callbacks,
+                        checkpoint,
+                        plan=plan.train,
+                    )
+                except optuna.TrialPruned:
+                    _log_pruned(trial)
+                    raise
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
                 if main:  # also without MLflow (benchmarks/ddp.py reads it)
                     write_atomic(out / "train_metrics.json", json.dumps(figures, indent=1))
@@ -161,8 +179,6 @@ def run(cfg: DictConfig) -> float:
             if cfg.stages.predict_test:
                 predict_test(cfg, plan, lm, tokenizer, encode, stop_id, out / "submission.csv")
                 tracking.log_artifact(out / "submission.csv")
-            tracking.log_artifact(out / "config.yaml")
-            tracking.log_artifact(out / "split.json")
     except optuna.TrialPruned as e:
         log.info("%s", e)
         if main:
@@ -171,6 +187,19 @@ def run(cfg: DictConfig) -> float:
     adapter = str((out / "adapter").resolve()) if cfg.stages.train else cfg.adapter
     sweep.write_result(out, "COMPLETE", objective, metrics=scores, adapter=adapter)
     return objective
+
+
+def _log_pruned(trial: optuna.Trial | None) -> None:
+    """Where the pruner stopped the trial: its last reported step and eval loss, on its run."""
+    if trial is None:  # a DDP rank other than 0
+        return
+    reported = compat.storage(trial.study).get_trial(compat.trial_id(trial)).intermediate_values
+    if not reported:
+        return
+    step = max(reported)
+    eval_loss = -reported[step]  # the trial reports -eval_loss (higher is better)
+    tracking.set_tags({"pruned.step": step, "pruned.eval_loss": f"{eval_loss:.4f}"})
+    tracking.log_metrics({"pruned_step": step, "pruned_eval_loss": eval_loss})
 
 
 def evaluate(cfg, plan, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[str, float]:

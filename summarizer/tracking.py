@@ -327,6 +327,23 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def set_tags(tags: dict[str, str]) -> None:
+    if mlflow := _active_mlflow():
+        mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
+
+
+def log_new_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+    """Params a run does not have yet (params cannot change: a resumed sweep keeps its first)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    have = client.get_run(run_id).data.params
+    new = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+
+
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow = _active_mlflow()
     if mlflow is None or not path.exists():

@@ -1,5 +1,5 @@
-"""Sweep report: best-trial summary and Optuna's plots, written to a folder and to the sweep's
-parent MLflow run. Runs at the end of every sweep; `make sweep-report SWEEP=<name>` regenerates it.
+"""Sweep report: best-trial summary and one page of the trials and Optuna's plots (report.html),
+written to a folder and to the sweep's parent MLflow run. Runs at the end of every sweep; `make sweep-report SWEEP=<name>` regenerates it.
 
     python -m summarizer.sweep.report <study> [--storage sqlite:///multirun/optuna.db] [--out DIR]
         [--tracking-uri sqlite:///mlflow.db]
@@ -13,6 +13,7 @@ path) and the MLflow server — so any machine of a multi-machine sweep can make
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import logging
 import sys
@@ -116,30 +117,72 @@ def report(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     status: str | None = "FINISHED",
+    ui: str = "http://127.0.0.1:5000",
 ) -> dict:
-    """Write the summary and plots to `out_dir` and to the parent run, then end that run with
-    `status` (None: leave it running, as while other workers still run trials)."""
+    """Write the summary and the report page to `out_dir` and to the parent run, then end that run
+    with `status` (None: leave it running, as while other workers still run trials). `ui`: the
+    MLflow UI's address the page links the trials' runs to (`make mlflow-ui`'s by default)."""
     out_dir = report_dir(out_dir, study)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = summary(study)
     write_atomic(out_dir / "summary.json", json.dumps(info, indent=2, ensure_ascii=False))
     n_complete = info["trials"].get("COMPLETE", 0)
-    written = ["summary.json"]
+    figures = []
     for name, plot in PLOTS.items():
         if n_complete < (2 if name == "param_importances" else 1):
             continue  # importances need two finished trials
         try:
-            fig = plot(study)
+            figures.append((name, plot(study)))
         except (ValueError, RuntimeError) as e:  # e.g. a single-valued parameter
             log.info("plot %s skipped: %s", name, e)
-            continue
-        # Small files: plotly.js comes from its CDN when the page is opened.
-        write_atomic(out_dir / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
-        written.append(f"{name}.html")
+    links = {}
+    if tracking_uri and parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        children = _children(MlflowClient(tracking_uri), parent_run_id)
+        links = {n: f"{ui.rstrip('/')}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}"
+                 for n, r in children.items()}  # fmt: skip
+    write_atomic(out_dir / "report.html", page(info, figures, links))
     if tracking_uri and parent_run_id:
         _to_mlflow(tracking_uri, parent_run_id, info, out_dir, status)
-    log.info("sweep report: %s (%s)", out_dir, ", ".join(written))
+    log.info("sweep report: %s (summary.json, report.html: %d plots)", out_dir, len(figures))
     return info
+
+
+def page(info: dict, figures: list, links: dict[str, str]) -> str:
+    """One self-contained page: the trials (each linked to its MLflow run) and Optuna's plots, with
+    plotly.js inlined once, so that it renders offline and as an MLflow artifact."""
+    e = html.escape
+    rows = []
+    for t in info["all"]:
+        number = str(t["number"])
+        run = f'<a href="{e(links[number])}">run</a>' if number in links else ""
+        value = "" if t["value"] is None else f"{t['value']:.4f}"
+        params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+        rows.append(
+            f"<tr><td>{number}</td><td>{t['state']}</td><td>{value}</td><td>{e(params)}</td>"
+            f"<td>{run}</td></tr>"
+        )
+    best = info["best"]
+    head = f"best: trial {best['number']} ({best['value']:.4f})" if best else "no finished trial"
+    plots = [
+        f"<h2>{e(name.replace('_', ' '))}</h2>"
+        + fig.to_html(full_html=False, include_plotlyjs=i == 0)
+        for i, (name, fig) in enumerate(figures)
+    ]
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        f"<title>sweep {e(info['study'])}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}"
+        "</style></head><body>"
+        f"<h1>Sweep {e(info['study'])}</h1><p>{e(head)}; {info['done']} trial(s) done "
+        f"({e(', '.join(f'{k.lower()} {v}' for k, v in info['trials'].items() if v))})</p>"
+        "<table><tr><th>trial</th><th>state</th><th>value</th><th>params</th><th>MLflow</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + "".join(plots)
+        + "</body></html>\n"
+    )
 
 
 def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | None) -> None:
@@ -150,16 +193,70 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | N
         client.log_metric(run_id, f"trials_{state.lower()}", n)
     client.log_metric(run_id, "trials_done", info["done"])
     best = info["best"]
+    children = _children(client, run_id)
     if best:
+        child = children.get(str(best["number"]))
+        # The best trial's own run has every figure (ROUGE, eval loss, speed); the study keeps
+        # only ROUGE, which is what a run without MLflow (or on another server) leaves.
+        figures = {**best["metrics"], **(child.data.metrics if child else {})}
         client.log_metric(run_id, "best_value", best["value"])
-        for k, v in best["metrics"].items():
+        for k, v in figures.items():
             client.log_metric(run_id, f"best_{k}", v)
         client.set_tag(run_id, "best.trial", str(best["number"]))
         client.set_tag(run_id, "best.overrides", best["overrides"] or "")
         client.set_tag(run_id, "best.adapter", best["adapter"] or "")
+        for number, r in children.items():
+            is_best = number == str(best["number"])
+            if is_best or r.data.tags.get(BEST_TAG) == "true":
+                client.set_tag(r.info.run_id, BEST_TAG, str(is_best).lower())
+        if child:
+            client.set_tag(run_id, "best.run_id", child.info.run_id)
+        _log_best_adapter(client, run_id, best)
+    client.set_tag(run_id, "mlflow.note.content", _description(info, out_dir))
     client.log_artifacts(run_id, str(out_dir), artifact_path="report")
     if status:
         client.set_terminated(run_id, status=status)
+
+
+BEST_TAG = "sweep.best"  # "true" on the best trial's run, "false" on one that no longer is
+
+
+def _children(client, run_id: str) -> dict[str, object]:
+    """The trials' runs under the parent, by trial number (the latest run of a number)."""
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
+    return {r.data.tags["optuna.trial"]: r for r in found if "optuna.trial" in r.data.tags}
+
+
+def _log_best_adapter(client, run_id: str, best: dict) -> None:
+    """The best trial's adapter as the parent's `best_adapter/` artifact, once per best trial;
+    only where its folder is on this machine (a multi-machine sweep: the host in best.worker)."""
+    folder = Path(best["adapter"] or "")
+    if not best["adapter"] or not folder.is_dir():
+        return
+    tags = client.get_run(run_id).data.tags
+    if tags.get("best.adapter_logged") == str(best["number"]):
+        return
+    client.log_artifacts(run_id, str(folder), artifact_path="best_adapter")
+    client.set_tag(run_id, "best.adapter_logged", str(best["number"]))
+
+
+def _description(info: dict, out_dir: Path) -> str:
+    t = info["trials"]
+    text = (
+        f"Optuna sweep {info['study']} ({info['direction'].lower()}): {info['done']} trial(s) "
+        f"done: {t.get('COMPLETE', 0)} complete, {t.get('PRUNED', 0)} pruned, "
+        f"{t.get('FAIL', 0)} failed."
+    )
+    best = info["best"]
+    if best:
+        text += f" Best: trial {best['number']} ({best['value']:.4f}): {best['overrides']}."
+    return text + f" Report: {out_dir / 'report.html'} (artifacts: report/report.html)."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: multirun/<study>/report")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="summarizer")
+    p.add_argument("--mlflow-ui", default="http://127.0.0.1:5000", help="linked from the page")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     url = resolve_storage(args.storage, Path.cwd())
@@ -193,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     # A sweep still running (other workers) keeps its parent run open; its last worker ends it.
     status = None if running else ("FINISHED" if done else "KILLED")
     info = report(
-        study, args.out or Path("multirun") / args.study / "report", uri, parent, status=status
+        study,
+        args.out or Path("multirun") / args.study / "report",
+        uri,
+        parent,
+        status=status,
+        ui=args.mlflow_ui,
     )
     best = info["best"]
     print(json.dumps(best, indent=2, ensure_ascii=False) if best else "no finished trial yet")

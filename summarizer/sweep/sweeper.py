@@ -114,6 +114,15 @@ class SummarizerSweeperConf:
     report: bool = True  # plots + best-trial summary at the end (also: make sweep-report)
 
 
+def _shown_distribution(d: optuna.distributions.BaseDistribution) -> str:
+    """`choice(8, 16)`, `log interval(5e-05, 0.0005)`, `int interval(0, 3)`: the sweep's syntax."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return f"choice({', '.join(map(str, d.choices))})"
+    kind = "int " if isinstance(d, optuna.distributions.IntDistribution) else ""
+    step = f", step={d.step}" if d.step not in (None, 1) else ""
+    return f"{'log ' if d.log else ''}{kind}interval({d.low}, {d.high}{step})"
+
+
 class SummarizerSweeper(Sweeper):
     def __init__(self, **conf: Any):
         self.conf: SummarizerSweeperConf = OmegaConf.to_object(
@@ -188,6 +197,7 @@ class SummarizerSweeper(Sweeper):
             # A study older than identities: its parent run from then is its own.
             older = made_now and bool(self.study.get_trials(deepcopy=False))
             self.parent_run = self._mlflow_parent(adopt=older)
+            self._mlflow_settings()
         with storage_lock(self.url, c.study_name):  # one enqueue, not one per worker
             if not self.study.get_trials(deepcopy=False):
                 for params in c.enqueue:
@@ -501,6 +511,27 @@ class SummarizerSweeper(Sweeper):
             self.study_id,
             adopt=adopt,
         )
+
+    def _mlflow_settings(self) -> None:
+        """The search space (each parameter's distribution), sampler and pruner on the parent run:
+        what the sweep searched, readable beside its trials."""
+        uri = self._tracking_uri()
+        if not uri or not self.parent_run:
+            return
+        from summarizer.tracking import log_new_params
+
+        params = {f"space.{k}": _shown_distribution(d) for k, d in self.space.items()}
+        sampler = OmegaConf.to_container(OmegaConf.structured(self.conf.sampler))
+        params.update({f"sampler.{k}": v for k, v in sampler.items()})
+        pruner = OmegaConf.select(self.config, "trial.pruner")
+        if pruner is not None:
+            params.update({f"pruner.{k}": v for k, v in OmegaConf.to_container(pruner).items()})
+        c = self.conf
+        params.update({"n_trials": c.n_trials, "direction": c.direction, "study": c.study_name})
+        try:
+            log_new_params(uri, self.parent_run, params)
+        except Exception as e:  # bookkeeping: never stop the sweep for it
+            log.warning("MLflow: could not log the sweep's settings: %s", first_line(e))
 
     def _mlflow_fail(self, number: int, status: str = "FAILED") -> None:
         """End trial `number`'s MLflow run if its job could not (killed, died with its worker).

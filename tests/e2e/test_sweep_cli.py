@@ -109,8 +109,22 @@ def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
     }
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_trial.values())
     assert parent.data.tags["best.trial"] == "1" and "best_rouge_sum" in parent.data.metrics
+    assert "best_eval_loss" in parent.data.metrics  # the best run's own figures, not only ROUGE
+    assert parent.data.params["space.train.lr"] == "choice(-1.0, 0.005, 1e-07)"
+    assert parent.data.params["pruner.name"] == "median" and "sampler.name" in parent.data.params
+    assert "Best: trial 1" in parent.data.tags["mlflow.note.content"]
+    assert by_trial["1"].data.tags["sweep.best"] == "true"
+    assert int(by_trial["2"].data.tags["pruned.step"]) > 0 and "pruned_eval_loss" in (
+        by_trial["2"].data.metrics
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in by_trial.values():  # comparing runs in the UI never meets one without artifacts
+        assert {"config.yaml", "split.json"} <= {
+            a.path for a in client.list_artifacts(r.info.run_id)
+        }
     report = tmp_path / "sweep" / "report"
-    assert (report / "summary.json").is_file() and (report / "optimization_history.html").is_file()
+    assert (report / "summary.json").is_file() and (report / "report.html").is_file()
+    assert by_trial["1"].info.run_id in (report / "report.html").read_text()
 
     # The same command with a larger target resumes the study: 2 more trials, 2 in parallel.
     run_sweep(tmp_path, "hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=2", space, *pruner)

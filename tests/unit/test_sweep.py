@@ -153,3 +153,89 @@ def test_a_retry_keeps_its_parameters_when_the_search_space_changed(study):
     retry, _ = claim(study, new, 2, "b:2")
     assert retry_of(study.trials[-1]) == cut.number and retry.params["r"] == cut.params["r"]
     assert 1e-5 <= retry.params["lr"] <= 1e-3
+
+
+def test_parent_run_shows_the_best_trial_its_figures_and_adapter(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from summarizer.sweep.report import report
+    from summarizer.sweep.study import keep_result
+    from summarizer.sweep.sweeper import _shown_distribution
+    from summarizer.tracking import log_new_params, parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    s = open_study(resolve_storage(f"sqlite:///{tmp_path}/o.db", tmp_path), "s", "maximize", None)
+    parent = parent_run(uri, "exp", "s", "sqlite:///o.db", "id1")
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    x = {"x": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    log_new_params(uri, parent, {"space.x": _shown_distribution(x["x"])})
+    log_new_params(uri, parent, {"space.x": "changed"})  # a rerun keeps the first
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    runs = {}
+    for value in (1.0, 3.0):
+        t = s.ask(x)
+        tags = {"mlflow.parentRunId": parent, "optuna.trial": str(t.number)}
+        runs[t.number] = client.create_run(exp, tags=tags).info.run_id
+        client.log_metric(runs[t.number], "eval_loss", 2.5 + value)
+        keep_result(s, t, {"metrics": {"rouge_sum": value}, "adapter": str(adapter)})
+        t.set_user_attr("overrides", f"x={t.params['x']}")
+        s.tell(t, value)
+    report(s, tmp_path / "report", uri, parent)
+    p = client.get_run(parent)
+    assert p.data.params["space.x"] == "log interval(1e-05, 0.001)"
+    assert p.data.metrics["best_value"] == 3.0 and p.data.metrics["best_rouge_sum"] == 3.0
+    assert p.data.metrics["best_eval_loss"] == 5.5  # from the best trial's own run
+    assert p.data.tags["best.run_id"] == runs[1]
+    assert "Best: trial 1" in p.data.tags["mlflow.note.content"]
+    assert str(tmp_path / "report") in p.data.tags["mlflow.note.content"]
+    assert client.get_run(runs[1]).data.tags["sweep.best"] == "true"
+    assert "sweep.best" not in client.get_run(runs[0]).data.tags
+    logged = [a.path for a in client.list_artifacts(parent, "best_adapter")]
+    assert logged == ["best_adapter/adapter_config.json"]
+
+
+def test_a_pruned_trial_logs_where_it_was_pruned(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from summarizer import pipeline, tracking
+    from summarizer.config import TrackingConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    s = open_study(resolve_storage(f"sqlite:///{tmp_path}/o.db", tmp_path), "s", "maximize", None)
+    t = s.ask()
+    t.report(-4.25, step=2)
+    t.report(-4.5, step=4)
+    with pytest.raises(optuna.TrialPruned):
+        with tracking.run(TrackingConfig(uri=uri), uri, "t", {}, {}, None, (optuna.TrialPruned,)):
+            pipeline._log_pruned(t)
+            raise optuna.TrialPruned("pruned")
+    run = MlflowClient(uri).search_runs(["1"])[0]
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "PRUNED"
+    assert run.data.tags["pruned.step"] == "4" and run.data.tags["pruned.eval_loss"] == "4.5000"
+    assert run.data.metrics["pruned_step"] == 4 and run.data.metrics["pruned_eval_loss"] == 4.5
+
+
+def test_the_report_is_one_page_that_renders_offline(tmp_path):
+    import plotly
+
+    from summarizer.sweep.report import report
+
+    s = open_study(resolve_storage(f"sqlite:///{tmp_path}/o.db", tmp_path), "s", "maximize", None)
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for value in (1.0, 2.0, 3.0):
+        t = s.ask(x)
+        t.report(value, step=1)
+        s.tell(t, value)
+    report(s, tmp_path / "report", None, None)
+    text = (tmp_path / "report" / "report.html").read_text()
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "report.html",
+        "summary.json",
+    ]
+    js = plotly.offline.get_plotlyjs()
+    assert text.count(js[:200]) == 1 and js[-200:] in text  # plotly.js inlined, once
+    assert "<script src=" not in text and text.count('class="plotly-graph-div"') >= 4
+    assert "<td>2</td><td>COMPLETE</td><td>3.0000</td>" in text
