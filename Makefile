@@ -14,7 +14,7 @@ INSTALLED := $(STAMP) $(if $(filter 1,$(GPU)),$(GPU_STAMP))
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: bench bundle wheelhouse install-offline help install run zero-shot predict sweep sweep-report test test-fast test-slow lint format mlflow-ui clean services-up services-down
+.PHONY: bench bundle wheelhouse install-offline help install run zero-shot predict sweep sweep-report test test-fast test-slow lint format mlflow-ui dashboard clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -114,6 +114,12 @@ UI_PORT ?= 5000
 mlflow-ui: $(STAMP) ## MLflow UI over ./mlflow.db (MLFLOW_DB); prints the address of EXPERIMENT's runs table
 	@echo "runs of $(EXPERIMENT): $$($(PY) -m summarizer.tracking $(MLFLOW_DB) $(EXPERIMENT) http://127.0.0.1:$(UI_PORT))"
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port $(UI_PORT)
+
+STORAGE ?= sqlite:///multirun/optuna.db
+DASHBOARD_PORT ?= 8080
+dashboard: $(STAMP) ## optuna-dashboard over the sweeps' study storage (STORAGE) on http://127.0.0.1:8080 (DASHBOARD_PORT)
+	@echo "study $(SWEEP): http://127.0.0.1:$(DASHBOARD_PORT)/dashboard/"
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) $(STORAGE)
 
 clean: ## remove caches (keeps outputs/, multirun/, mlflow.db: your runs)
 	rm -rf .pytest_cache .ruff_cache $$(find . -name __pycache__ -not -path './$(VENV)/*')
