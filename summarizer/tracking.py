@@ -153,7 +153,7 @@ def preflight(cfg: TrackingConfig, uri: str) -> None:
 # one; model training opens on the runs table.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # A view of the runs table kept in the experiment (MLflow's "share view" tags): the URL
-# ...?viewStateShareKey=VIEW_KEY opens it with these columns and the sweeps' children shown.
+# ...?viewStateShareKey=VIEW_KEY opens it with these columns.
 VIEW_KEY = "summarizer"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 HEADLINE = ("model", "data", "lora.r", "lora.alpha", "train.lr", "prompt.fewshot.k", "selection")
@@ -171,23 +171,31 @@ def use_experiment(uri: str, name: str):
     exp = mlflow.set_experiment(name)
     missing = {k: v for k, v in EXPERIMENT_KIND.items() if exp.tags.get(k) != v}
     if VIEW_TAG not in exp.tags:
-        missing[VIEW_TAG] = json.dumps({"selectedColumns": COLUMNS, "runsExpanded": {}})
+        missing[VIEW_TAG] = json.dumps({"selectedColumns": COLUMNS})
     client = MlflowClient(uri)
     for k, v in missing.items():
         client.set_experiment_tag(exp.experiment_id, k, v)
     return exp
 
 
-def expand_in_view(uri: str, experiment_id: str, run_id: str) -> None:
-    """Show a sweep's children under its parent in the shared runs view."""
+def sweep_view(uri: str, experiment_id: str, study: str) -> str:
+    """A shared runs view of one sweep: its parent and every trial, flat (MLflow nests children
+    only when sorted by start time, and a shared view cannot expand a parent), best ROUGE first,
+    with the headline columns. Returns its share key."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    raw = client.get_experiment(experiment_id).tags.get(VIEW_TAG)
-    view = json.loads(raw) if raw else {"selectedColumns": COLUMNS}
-    if not view.setdefault("runsExpanded", {}).get(run_id):
-        view["runsExpanded"][run_id] = True
-        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(view))
+    key = f"sweep-{study}"
+    study_sql = study.replace("'", "''")
+    view = {
+        "selectedColumns": COLUMNS,
+        "searchFilter": f"attributes.run_name LIKE '%{study_sql}%'",
+        "orderByKey": "metrics.`rouge_sum`",  # sorted by anything but start time: flat, best first
+        "orderByAsc": False,
+    }
+    MlflowClient(uri).set_experiment_tag(
+        experiment_id, VIEW_TAG[: -len(VIEW_KEY)] + key, json.dumps(view)
+    )
+    return key
 
 
 def runs_url(uri: str, experiment: str, server: str) -> str:
@@ -390,8 +398,9 @@ def parent_run(
     tags = {"sweep.study": study, "sweep.role": "parent", "sweep.storage": storage}
     if study_id:
         tags["sweep.study_id"] = study_id
+    key = sweep_view(uri, exp.experiment_id, study)
+    tags["sweep.view"] = f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey={key}"
     run = client.create_run(exp.experiment_id, run_name=f"sweep-{study}", tags=tags)
-    expand_in_view(uri, exp.experiment_id, run.info.run_id)
     return run.info.run_id
 
 

@@ -212,7 +212,10 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | N
         if child:
             client.set_tag(run_id, "best.run_id", child.info.run_id)
         _log_best_adapter(client, run_id, best)
-    client.set_tag(run_id, "mlflow.note.content", _description(info, out_dir))
+    note = _description(info, out_dir)
+    if view := client.get_run(run_id).data.tags.get("sweep.view"):
+        note += f" All its runs, flat: the MLflow UI's {view}"
+    client.set_tag(run_id, "mlflow.note.content", note)
     client.log_artifacts(run_id, str(out_dir), artifact_path="report")
     if status:
         client.set_terminated(run_id, status=status)

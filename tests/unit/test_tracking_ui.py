@@ -63,9 +63,13 @@ def test_a_run_has_a_description_and_headline_params(uri, tmp_path):
     assert run.data.metrics["rouge_sum"] == 12.5
 
 
-def test_a_sweep_parent_is_expanded_in_the_view(uri):
+def test_a_sweep_has_a_view_of_its_parent_and_trials(uri):
     parent = tracking.parent_run(uri, "exp", "s", "sqlite:///o.db", "id1")
     exp = MlflowClient(uri).get_experiment_by_name("exp")
-    assert json.loads(exp.tags[tracking.VIEW_TAG])["runsExpanded"] == {parent: True}
+    view = json.loads(exp.tags["mlflow.sharedViewState.sweep-s"])
+    assert view["searchFilter"] == "attributes.run_name LIKE '%s%'"
+    assert "metrics.`rouge_sum`" in view["selectedColumns"]
+    tags = MlflowClient(uri).get_run(parent).data.tags
+    assert tags["sweep.view"] == f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey=sweep-s"
     assert tracking.parent_run(uri, "exp", "s", "sqlite:///o.db", "id1") == parent
     mlflow.end_run()
