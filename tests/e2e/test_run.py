@@ -118,8 +118,8 @@ def test_user_errors_are_one_line_and_fail_the_run(tmp_path):
     assert (
         proc.returncode == 2 and "train.lr=-0.1 must be > 0" in proc.stderr.strip().splitlines()[-1]
     )
-    (run,) = runs(tmp_path)
-    assert run.info.status == "FAILED"
+    # rejected in preflight, before anything was made: no MLflow run, no run folder left
+    assert runs(tmp_path) == [] and not (tmp_path / "badlr").exists()
 
 
 def test_gpu_preset_on_cpu_fails_fast(tmp_path):
