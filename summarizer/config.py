@@ -272,7 +272,7 @@ class TrainConfig:
     # Each training step's forward + backward captured once as a CUDA graph and replayed (no host
     # work per layer; rows padded to a static shape; with gradient checkpointing the recompute is in
     # the graph too). auto: where it applies (CUDA, packed rows, one process); true insists
-    # (summarizer/graph_step.py)
+    # (summarizer/speed/graph_step.py)
     cuda_graph: str = "false"
 
 
