@@ -258,7 +258,7 @@ class TrainConfig:
     dataloader_workers: int = 0
     # Padding-free: examples packed into rows of <= pack_tokens tokens (null: batch_size x
     # max_length), one row per device step; 0: each batch of batch_size examples packed into one row
-    # (the padded path's steps exactly). FlashAttention varlen kernel on CUDA (summarizer/packing).
+    # (the padded path's steps exactly). FlashAttention varlen kernel on CUDA (summarizer/speed/packing.py).
     packing: bool = False
     pack_tokens: int | None = None
     pack_multiple: int = 64  # packed rows are padded to a multiple of this (fewer distinct shapes)
@@ -267,7 +267,7 @@ class TrainConfig:
     compile: bool = False
     # LoRA dropout with its masks drawn again in the backward from a seed, and each layer input
     # kept once, instead of peft's mask + dropped copy per projection: ~0.73x a decoder layer's
-    # activation memory on CUDA (estimate, summarizer/lean_lora.py). Other masks than peft's.
+    # activation memory on CUDA (estimate, summarizer/speed/lean_lora.py). Other masks than peft's.
     lora_dropout_recompute: bool = False
     # Each training step's forward + backward captured once as a CUDA graph and replayed (no host
     # work per layer; rows padded to a static shape; with gradient checkpointing the recompute is in
