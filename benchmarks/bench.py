@@ -18,8 +18,8 @@ of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
                 ours_fused, the chunked head without checkpointing; ours_lean / ours_ckpt_lean,
                 ours / ours_ckpt with train.lora_dropout_recompute; ours_eager: ours without
                 the CUDA graph), each step's forward + backward replayed as one CUDA graph
-                (summarizer/graph_step.py), FlashAttention varlen kernel
-                (summarizer/packing.py), the LM head only at supervised positions, no gradient
+                (summarizer/speed/graph_step.py), FlashAttention varlen kernel
+                (summarizer/speed/packing.py), the LM head only at supervised positions, no gradient
                 checkpointing, fused AdamW
 
 and records non-padding tokens/s, s/step, peak GPU memory, the fraction of a step the GPU is busy
@@ -126,7 +126,7 @@ OURS = {
     "ours_ckpt_eager": {"gradient_checkpointing": True, "cuda_graph": "false"},
     "ours_compile": {"compile": True},  # each decoder layer compiled; the warm-up steps pay it
     "ours_fused": {"fused_lm_head": "true"},  # TRL's chunked LM head without checkpointing
-    # LoRA dropout masks drawn again in the backward instead of stored (summarizer/lean_lora)
+    # LoRA dropout masks drawn again in the backward instead of stored (summarizer/speed/lean_lora.py)
     "ours_lean": {"lora_dropout_recompute": True},
     "ours_ckpt_lean": {"gradient_checkpointing": True, "lora_dropout_recompute": True},
     # ours without the CUDA-graph step (train.cuda_graph=auto in gpu_fast; summarizer/speed/graph_step.py)

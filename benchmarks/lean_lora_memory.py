@@ -1,5 +1,5 @@
 """What autograd keeps for the backward of one decoder layer with LoRA on the seven projections:
-peft's dropout against train.lora_dropout_recompute (summarizer/lean_lora.py). Runs on CPU.
+peft's dropout against train.lora_dropout_recompute (summarizer/speed/lean_lora.py). Runs on CPU.
 
     python benchmarks/lean_lora_memory.py                 # Llama-3.2-1B's layer shape, 1,024 tokens
     python benchmarks/lean_lora_memory.py --shape qwen3-4b --out benchmarks/results/lean-lora
