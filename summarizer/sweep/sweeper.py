@@ -46,6 +46,7 @@ more instead of resuming to n_trials. This sweeper reuses its search-space synta
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -294,7 +295,7 @@ class SummarizerSweeper(Sweeper):
         warning that says how to run them again."""
         c = self.conf
         again = "rerun with hydra.sweeper.retry_failed=true to run them again"
-        mine = [o for o in self.outcomes if o[1] == "FAIL"]
+        mine = sorted((o for o in self.outcomes if o[1] == "FAIL"), key=lambda o: o[0])  # by number
         if self.outcomes and len(mine) == len(self.outcomes):
             number, _, why, logs = mine[0]
             raise UserError(
@@ -364,10 +365,17 @@ class SummarizerSweeper(Sweeper):
         fixed = {f.split("=", 1)[0] for f in self.fixed}
         # A fixed value on this command line wins over a retry's value from an older search space.
         overrides = [f"{k}={v}" for k, v in trial.params.items() if k not in fixed]
-        out = self.sweep_dir / f"trial_{trial.number:04d}"
-        if out.exists():  # a study recreated under the same folder: never overwrite old trials
-            out = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.mkdir(parents=True)
+        # A study recreated under the same folder never overwrites old trials: the next free
+        # trial_NNNN[-time[-k]] (two new studies may start the same trial within one second)
+        base, stamp = f"trial_{trial.number:04d}", time.strftime("%Y%m%d-%H%M%S")
+        for k in itertools.count():
+            name = base if k == 0 else f"{base}-{stamp}" if k == 1 else f"{base}-{stamp}-{k - 1}"
+            out = self.sweep_dir / name
+            try:
+                out.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
         args = [
             *self.fixed,
             *overrides,
