@@ -152,8 +152,11 @@ def _job(cfg: DictConfig) -> float:
     from summarizer import distributed
     from summarizer import plan as preflight
 
+    plan = None
     if not distributed.is_worker() and str(cfg.distributed.nproc) == "1":
-        preflight.make(cfg)  # a bad value fails before the launcher and training libraries load
+        plan = preflight.make(
+            cfg
+        )  # a bad value fails before the launcher and training libraries load
     from summarizer.cli import launch
 
     if distributed.is_worker():
@@ -166,7 +169,7 @@ def _job(cfg: DictConfig) -> float:
             return launch.launch(cfg, nproc, command)
         from summarizer.pipeline import run
 
-        return run(cfg)
+        return run(cfg, plan)  # the plan made above, not resolved a second time
     finally:
         distributed.teardown()  # a rank leaves its process group (before its error line)
 

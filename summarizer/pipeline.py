@@ -37,8 +37,9 @@ from summarizer.train.fit import fit
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> float:
-    plan = preflight.make(cfg)  # every value checked, every auto switch resolved, once
+def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
+    # every value checked, every auto switch resolved, once (the entry point may have done it)
+    plan = plan or preflight.make(cfg)
     out = Path(cfg.output_dir)
     _check_writable(out)
     resumed = resume.prepare(cfg, out)  # train.resume=true: this folder's checkpoint and MLflow run
