@@ -72,31 +72,45 @@ def _scorer(tokenizer: str, keep_special_tokens: bool):
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
+def rouge_rows(
+    predictions: list[str],
+    references: list[str | list[str]],
+    tokenizer: str = "mecab",
+    keep_special_tokens: bool = True,
+) -> list[dict[str, float]]:
+    """ROUGE-1/2/L F1 x 100 of each example, plus their sum and mean (the competition's `final`).
+
+    A reference may be a list of references; the best-scoring one counts (rouge_score's score_multi).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = _scorer(tokenizer, keep_special_tokens)
+    rows = []
+    for pred, ref in zip(predictions, references):
+        refs = [ref] if isinstance(ref, str) else list(ref)
+        scores = scorer.score_multi(refs, pred)
+        row = {key: 100 * scores[key].fmeasure for key in ROUGE_TYPES}
+        row["rouge_sum"] = sum(row[k] for k in ROUGE_TYPES)
+        row["final"] = row["rouge_sum"] / 3
+        rows.append(row)
+    return rows
+
+
 def rouge(
     predictions: list[str],
     references: list[str | list[str]],
     tokenizer: str = "mecab",
     keep_special_tokens: bool = True,
 ) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 x 100 over examples, plus their sum and mean (the competition's `final`).
-
-    A reference may be a list of references; the best-scoring one counts (rouge_score's score_multi).
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    """Mean ROUGE-1/2/L F1 x 100 over examples, plus their sum and mean (the competition's `final`)."""
     if not predictions:
         raise ValueError("no predictions to score")
-    scorer = _scorer(tokenizer, keep_special_tokens)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for pred, ref in zip(predictions, references):
-        refs = [ref] if isinstance(ref, str) else list(ref)
-        scores = scorer.score_multi(refs, pred)
-        for key in ROUGE_TYPES:
-            totals[key] += scores[key].fmeasure
-    result = {key: 100 * totals[key] / len(predictions) for key in ROUGE_TYPES}
-    result["rouge_sum"] = sum(result[k] for k in ROUGE_TYPES)
-    result["final"] = result["rouge_sum"] / 3
-    return result
+    return mean_rows(rouge_rows(predictions, references, tokenizer, keep_special_tokens))
+
+
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each score's mean over rows (the keys of the first row)."""
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
 def check_task(cfg: TaskConfig) -> None:
@@ -118,6 +132,35 @@ def check_task(cfg: TaskConfig) -> None:
         )
 
 
+def score_rows(
+    cfg: TaskConfig,
+    predictions: list[str],
+    references: list[str],
+    tokenizer: str = "mecab",
+    keep_special_tokens: bool = True,
+) -> list[dict[str, float]]:
+    """The task's metrics of each validation row (their means are `score`): what paired tests
+    (the Wilcoxon pruner, the sweep report's bootstrap) and MBR compare row by row."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    rows: list[dict[str, float]] = [{} for _ in predictions]
+    for name in cfg.metrics:
+        if name == "rouge":
+            # A list's words, not its "1." "2." markers, which every list shares for free.
+            as_items = cfg.target_format == "numbered_list"
+            preds = _items(predictions) if as_items else predictions
+            refs = _items(references) if as_items else references
+            for row, s in zip(rows, rouge_rows(preds, refs, tokenizer, keep_special_tokens)):
+                row.update(s)
+        elif name == "subq_count":
+            for row, p, r in zip(rows, predictions, references):
+                d = abs(count_items(p) - count_items(r))
+                row.update({"subq_count_acc": float(d == 0), "subq_count_mae": float(d)})
+        else:
+            check_task(cfg)  # names the unknown metric
+    return rows
+
+
 def score(
     cfg: TaskConfig,
     predictions: list[str],
@@ -126,19 +169,9 @@ def score(
     keep_special_tokens: bool = True,
 ) -> dict[str, float]:
     """The task's metrics over the validation rows, in the order task.metrics lists them."""
-    scores: dict[str, float] = {}
-    for name in cfg.metrics:
-        if name == "rouge":
-            # A list's words, not its "1." "2." markers, which every list shares for free.
-            as_items = cfg.target_format == "numbered_list"
-            preds = _items(predictions) if as_items else predictions
-            refs = _items(references) if as_items else references
-            scores.update(rouge(preds, refs, tokenizer, keep_special_tokens))
-        elif name == "subq_count":
-            scores.update(subq_count(predictions, references))
-        else:
-            check_task(cfg)  # names the unknown metric
-    return scores
+    if not predictions:
+        raise ValueError("no predictions to score")
+    return mean_rows(score_rows(cfg, predictions, references, tokenizer, keep_special_tokens))
 
 
 def subq_count(predictions: list[str], references: list[str]) -> dict[str, float]:

@@ -51,3 +51,19 @@ def test_several_references_take_the_best():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
         rouge(["a"], ["a", "b"], "whitespace")
+
+
+def test_score_rows_average_to_score_and_each_row_is_its_own_score():
+    from summarizer.config import TaskConfig
+    from summarizer.metrics import score, score_rows
+
+    task = TaskConfig()
+    preds = ["the cat sat on the mat", "a dog barked", "nothing alike here"]
+    refs = ["the cat sat on a mat", "the dog barked loudly", "completely different words"]
+    rows = score_rows(task, preds, refs, "default")
+    total = score(task, preds, refs, "default")
+    assert len(rows) == 3
+    for key, value in total.items():
+        assert abs(value - sum(r[key] for r in rows) / 3) < 1e-9
+    assert rows[2]["rouge_sum"] == 0.0 < rows[1]["rouge_sum"] < rows[0]["rouge_sum"]
+    assert rows[1] == score(task, preds[1:2], refs[1:2], "default")
