@@ -246,9 +246,19 @@ class GraphStep:
             p.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup if first else 1):
-                step()
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup if first else 1):
+                    step()
+        except RuntimeError as err:  # OOM (the graphs' pool holds memory) or an op the warm-up hit
+            torch.cuda.current_stream().wait_stream(side)
+            for p, h in zip(self.params, held):  # this optimizer step's gradients, as they were
+                p.grad = h
+            self.close(keep_grads=True)
+            torch.cuda.empty_cache()
+            raise CaptureError(
+                f"the warm-up before capturing the training step failed: {_cause(err)}"
+            ) from err
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.empty_cache()  # the warm-up's blocks: the graphs have a memory pool of their own
         if not self.grads:  # fixed .grad tensors: the captured backwards add into them
@@ -274,9 +284,9 @@ class GraphStep:
                 loss = step().detach()
         except RuntimeError as err:  # e.g. a model whose forward reads a value on the host
             self.close(keep_grads=True)
-            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            torch.cuda.empty_cache()
             raise CaptureError(
-                f"the training step cannot be captured as a CUDA graph: {cause}"
+                f"the training step cannot be captured as a CUDA graph: {_cause(err)}"
             ) from err
         if self.pool is None:
             self.pool = graph.pool()
@@ -291,3 +301,8 @@ class GraphStep:
             len(self.graphs),
         )
         return captured
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -415,3 +415,40 @@ def test_a_model_that_reads_values_on_the_host_falls_back_to_eager(tmp_path, cac
                 fit(cfg, lm, tok, rows, [], tmp_path / choice)
         else:
             assert fit(cfg, lm, tok, rows, [], tmp_path / choice)["train_steps"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_an_out_of_memory_in_the_warm_up_falls_back_to_eager(tmp_path, cache_dir, monkeypatch):
+    """The warm-up before a capture runs out of memory (the graphs' pool holds some): auto trains
+    on eagerly from the same gradients, to the loss of a run without the graph."""
+    from summarizer.train.fit import fit
+
+    real = graph_step.GraphStep
+
+    class OomInWarmUp(real):
+        def __init__(self, loss, warmup: int = 2):
+            calls = itertools.count()
+
+            def failing(model, batch, num_items):
+                if next(calls) == 0:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return loss(model, batch, num_items)
+
+            super().__init__(failing, warmup)
+
+    rows = _rows([(n - 8, 8) for n in (40, 64, 33, 57, 48, 61, 29, 52)], 6)
+    losses = {}
+    for choice in ("false", "auto"):
+        monkeypatch.setattr(graph_step, "GraphStep", OomInWarmUp)
+        base, tok = _fresh_tiny(cache_dir)
+        lm = _lora(base).cuda()
+        cfg = TrainConfig(
+            max_steps=3, batch_size=2, max_length=64, grad_accum=1, eval_strategy="no",
+            save_steps=100, packing=True, gradient_checkpointing=False, warmup_ratio=0.0,
+            optim="adamw_torch_fused", cuda_graph=choice, seed=3,
+        )  # fmt: skip
+        figures = fit(cfg, lm, tok, rows, [], tmp_path / choice)
+        assert figures["train_steps"] == 3
+        losses[choice] = figures["train_loss_avg"]
+    assert losses["auto"] == pytest.approx(losses["false"], rel=1e-4)
