@@ -14,7 +14,7 @@ INSTALLED := $(STAMP) $(if $(filter 1,$(GPU)),$(GPU_STAMP))
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: bench bundle wheelhouse install-offline help install run zero-shot predict sweep sweep-report test test-fast test-slow lint format mlflow-ui dashboard clean services-up services-down
+.PHONY: bench bundle wheelhouse install-offline help install run zero-shot predict sweep sweep-report test test-fast test-slow test-gpu lint format mlflow-ui dashboard clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -96,6 +96,9 @@ test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU t
 
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-gpu: $(STAMP) ## on a GPU machine: the GPU tests, the seed recipes end to end on Gemma 3 270M included (fails without a GPU)
+	SUMMARIZER_REQUIRE_GPU=1 $(PY) -m pytest -q -m gpu $(ARGS)
 
 test-slow: $(STAMP) ## the slow tier only: real tiny end-to-end runs
 	$(PY) -m pytest -q -m slow $(ARGS)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ register_configs()
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
+    if os.environ.get("SUMMARIZER_REQUIRE_GPU") == "1":  # make test-gpu: skipping would pass
+        pytest.exit("make test-gpu needs a CUDA GPU: torch.cuda.is_available() is False", 2)
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
