@@ -61,15 +61,15 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def overrides(fixed: list[str], params: dict, budget: list[str]) -> list[str]:
+def overrides(fixed: list[str], params: dict, own: list[str]) -> list[str]:
     """The refit job's overrides: the sweep's fixed values, the best trial's parameters, then
-    ALL_ROWS and the training budget, each key once (the last word wins)."""
-    ours = [*ALL_ROWS, *budget]
+    ALL_ROWS and `own` (its training budget, run name, ...), each key once (ours win)."""
+    ours = [*ALL_ROWS, *own]
     mine = {_key(o) for o in ours}
     taken = {_key(f) for f in fixed}
     # a fixed value on the command line wins over the trial's (as for a trial's retry)
-    own = [f"{k}={v}" for k, v in params.items() if k not in taken and k not in mine]
-    return [*(f for f in fixed if _key(f) not in mine), *own, *ours]
+    drawn = [f"{k}={v}" for k, v in params.items() if k not in taken and k not in mine]
+    return [*(f for f in fixed if _key(f) not in mine), *drawn, *ours]
 
 
 def budget(trial: FrozenTrial, settings: dict[str, str]) -> tuple[list[str], str]:
@@ -82,15 +82,13 @@ def budget(trial: FrozenTrial, settings: dict[str, str]) -> tuple[list[str], str
     kept = figures.get("kept_epoch")
     if isinstance(kept, (int, float)) and kept > 0:
         ran = figures.get("train_epochs")
-        how = (
-            "the epochs it trained"
-            if ran is None or abs(ran - kept) < 1e-9
-            else f"the epoch of the checkpoint it kept, of {ran:g} trained"
-        )
         epochs = f"{kept:.6g}"
-        return [f"train.epochs={epochs}", "train.max_steps=-1"], (
-            f"train.epochs={epochs}: trial {trial.number}'s {how}"
+        how = (
+            f"trial {trial.number} trained {epochs} epoch(s)"
+            if ran is None or abs(ran - kept) < 1e-9
+            else f"trial {trial.number} kept its checkpoint of epoch {epochs} ({ran:g} trained)"
         )
+        return [f"train.epochs={epochs}", "train.max_steps=-1"], f"train.epochs={epochs}: {how}"
     values = {**settings, **{k: str(v) for k, v in trial.params.items()}}
     steps = values.get("train.max_steps", "-1")
     if steps.lstrip("-").isdigit() and int(steps) > 0:

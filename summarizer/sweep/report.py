@@ -85,11 +85,12 @@ def compare_best(study: optuna.Study) -> dict:
     rows, or `note` saying why there is none (one trial, no row scores, other rows)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    ranked = sorted(trials, key=lambda t: t.value, reverse=maximize)
     out: dict = {"validation_rows": None}
-    if not ranked:
+    if not trials:
         return {**out, "note": "no COMPLETE trial"}
-    best = ranked[0]
+    best = study.best_trial  # the one the report and the refit name, also among equal values
+    others = [t for t in trials if t.number != best.number]
+    ranked = [best, *sorted(others, key=lambda t: t.value, reverse=maximize)]
     rows = best.user_attrs.get(ROW_SCORES)
     if rows:
         out["validation_rows"] = len(rows["values"])

@@ -316,12 +316,12 @@ class SummarizerSweeper(Sweeper):
             return False, None
         trial, out = d.trial, d.folder
         budget, why = refits.budget(trial, refits.settings(self.study))
-        args = refits.overrides(self.fixed, trial.params, budget)
-        args.append(f"tracking.run_name={c.study_name}-refit")
+        own = [*budget, f"tracking.run_name={c.study_name}-refit", f"trial.refit_of={trial.number}"]
         if self.parent_run:
-            args.append(f"trial.parent_run_id={self.parent_run}")
+            own.append(f"trial.parent_run_id={self.parent_run}")
         if d.resume:
-            args.append("train.resume=true")
+            own.append("train.resume=true")
+        args = refits.overrides(self.fixed, trial.params, own)
         aside = refits.prepare(out, d.resume)
         if aside:
             log.info("refit: %s had no checkpoint to resume from: kept as %s", out, aside)
