@@ -37,6 +37,9 @@ more instead of resuming to n_trials. This sweeper reuses its search-space synta
   the storage itself, so no worker overshoots n_trials, and Optuna hands each trial, queued or new,
   to exactly one worker. A worker stays until the study has n_trials done, to take over the retry
   of a worker that dies.
+- Refit (`refit=true`): once the study has n_trials done, one worker (claimed under the same
+  lock) trains the best trial's settings again on every labelled row and publishes its test
+  predictions as <sweep dir>/submission.csv (sweep/refit.py); a rerun resumes or skips it.
 - MLflow: one parent run per sweep, found or created under the same lock (workers starting together
   find one run, not three); each trial's run nests under it across processes; results are kept in
   the study too (user attrs `metrics`, `adapter`, `worker`), so the report can be made from any

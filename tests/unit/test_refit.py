@@ -281,3 +281,22 @@ def test_compare_best_pairs_only_the_same_rows(tmp_path):
     assert "95 % interval" in line
     _add(study, 30.0)  # a new best from before row scores were kept
     assert "trial 3 kept no per-row scores" in compare_best(study)["note"]
+
+
+def test_kept_epoch_is_the_best_checkpoint_s_when_early_stopping_loaded_it():
+    from types import SimpleNamespace
+
+    from summarizer.train.fit import _kept_epoch
+
+    history = [
+        {"eval_loss": 2.0, "epoch": 0.5, "step": 10},
+        {"eval_loss": 1.0, "epoch": 1.0, "step": 20},
+        {"eval_loss": 1.5, "epoch": 1.5, "step": 30},
+    ]
+    state = SimpleNamespace(
+        epoch=1.5, log_history=history, best_model_checkpoint="/x/checkpoints/checkpoint-20"
+    )
+    trainer = SimpleNamespace(state=state, args=SimpleNamespace(load_best_model_at_end=True))
+    assert _kept_epoch(trainer) == 1.0
+    trainer.args.load_best_model_at_end = False  # the last weights are kept
+    assert _kept_epoch(trainer) == 1.5
