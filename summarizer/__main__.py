@@ -53,8 +53,8 @@ def main(cfg: DictConfig) -> float:
     for record in Path(hc.runtime.output_dir).glob(".hydra*"):
         tracking.redact_files(record)
     multirun = hc.mode == RunMode.MULTIRUN
-    # A plain run, not a sweep's trial (the sweeper handles a trial's folder and its signals).
-    plain = not multirun and cfg.trial.number is None
+    # A plain run, not a sweep's trial or refit (the sweeper handles their folders and signals).
+    plain = not multirun and cfg.trial.number is None and cfg.trial.refit_of is None
     out = Path(cfg.output_dir)
     fresh = plain and _hydra_only(out, fresh=True)  # Hydra made this folder for this invocation
     previous = signal.getsignal(signal.SIGTERM)

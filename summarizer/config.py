@@ -380,6 +380,7 @@ class TrialConfig:
     study: str | None = None
     number: int | None = None  # the trial this job runs
     parent_run_id: str | None = None  # MLflow run of the sweep (this job's run nests under it)
+    refit_of: int | None = None  # the sweep's refit job: the trial whose settings it trains again
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
 

@@ -193,7 +193,10 @@ def _text(value, where: str = "", column: str = "", as_list: bool = False) -> st
 def split(
     examples: list[Example], val_size: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Seeded split by id: the same ids land in validation whatever the file order."""
+    """Seeded split by id: the same ids land in validation whatever the file order. `val_size=0`:
+    no validation split, every row trains (a refit on all labelled rows)."""
+    if val_size == 0:
+        return list(examples), []
     n_val = round(val_size * len(examples)) if val_size < 1 else int(val_size)
     if not 0 < n_val < len(examples):
         raise UserError(

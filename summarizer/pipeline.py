@@ -167,15 +167,17 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
                 base = None
                 model.free_memory()
 
-            objective, scores = float("nan"), {}
+            objective, scores, row_scores = float("nan"), {}, None
             if cfg.stages.evaluate:
-                scores = evaluate(
+                scores, rows = evaluate(
                     cfg, plan, lm, tokenizer, val_ex, encode, stop_id, out / "predictions.csv"
                 )
                 tracking.log_metrics(scores)
                 tracking.log_artifact(out / "predictions.csv")
                 log.info("validation scores (%s): %s", cfg.metric.tokenizer, _fmt(scores))
                 objective = scores[cfg.task.objective]  # rouge_sum unless the task says otherwise
+                # each validation row's objective: the sweep report compares trials row by row
+                row_scores = sweep.row_scores(cfg.task.objective, [e.id for e in val_ex], rows)
 
             if cfg.stages.predict_test:
                 predict_test(cfg, plan, lm, tokenizer, encode, stop_id, out / "submission.csv")
@@ -186,7 +188,9 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
             sweep.write_result(out, "PRUNED", None)
         return float("nan")
     adapter = str((out / "adapter").resolve()) if cfg.stages.train else cfg.adapter
-    sweep.write_result(out, "COMPLETE", objective, metrics=scores, adapter=adapter)
+    sweep.write_result(
+        out, "COMPLETE", objective, metrics=scores, adapter=adapter, row_scores=row_scores
+    )
     return objective
 
 
@@ -203,16 +207,18 @@ def _log_pruned(trial: optuna.Trial | None) -> None:
     tracking.log_metrics({"pruned_step": step, "pruned_eval_loss": eval_loss})
 
 
-def evaluate(cfg, plan, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> dict[str, float]:
+def evaluate(cfg, plan, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> tuple[dict, list]:
+    """(the mean scores, each row's scores) on the validation rows, in their order."""
     start = time.perf_counter()
     preds = summarize(cfg, lm, tokenizer, val_ex, encode, stop_id, plan.generate)
     seconds = time.perf_counter() - start
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     refs = [ex.summary for ex in val_ex]
-    scores = metrics.score(cfg.task, preds, refs, tok, cfg.metric.keep_special_tokens)
+    per_row = metrics.score_rows(cfg.task, preds, refs, tok, cfg.metric.keep_special_tokens)
+    scores = metrics.mean_rows(per_row)  # what metrics.score returns, without scoring twice
     rows = [[ex.id, p, ex.summary] for ex, p in zip(val_ex, preds)]
     write_csv(path, ["fname", "prediction", "reference"], rows)
-    return {**scores, "generate_seconds_per_row": seconds / len(val_ex)}
+    return {**scores, "generate_seconds_per_row": seconds / len(val_ex)}, per_row
 
 
 def predict_test(cfg, plan, lm, tokenizer, encode, stop_id, path: Path) -> None:

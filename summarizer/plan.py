@@ -32,6 +32,7 @@ def make(cfg, world_size: int | None = None) -> Plan:
     metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     check_generate(cfg.generate)
     check_data(cfg.data, cfg.prompt)
+    check_no_validation(cfg)
     check_lora(cfg.lora)
     # the model's context, when known without loading it (else build_model checks it first thing)
     limit = model.context_length(cfg.model, cfg.cache_dir)
@@ -76,6 +77,25 @@ def check_data(cfg, prompt) -> None:
         raise UserError(
             f"data.language={cfg.language!r}: the prompt has texts for {', '.join(known)} only; "
             f"add them with " + " ".join(f"+prompt.{k}.{cfg.language}='...'" for k in missing)
+        )
+
+
+def check_no_validation(cfg) -> None:
+    """`data.val_size=0` trains on every labelled row: nothing is left to score or to evaluate
+    the loss on (early stopping watches that loss too)."""
+    if cfg.data.val_size != 0:
+        return
+    wrong = [
+        f"{key}={value}" for key, value, ok in (
+            ("stages.evaluate", str(cfg.stages.evaluate).lower(), not cfg.stages.evaluate),
+            ("train.eval_strategy", cfg.train.eval_strategy, cfg.train.eval_strategy == "no"),
+        ) if not ok
+    ]  # fmt: skip
+    if wrong:
+        raise UserError(
+            f"data.val_size=0 (no validation split: every labelled row trains) needs "
+            f"stages.evaluate=false and train.eval_strategy=no (early stopping off with it); "
+            f"got {', '.join(wrong)}"
         )
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -27,7 +28,7 @@ from summarizer.config import TrackingConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
 from summarizer.sweep.storage import check_storage, resolve_storage, shown
-from summarizer.sweep.study import STUDY_ID, WORKER, retry_of, tally
+from summarizer.sweep.study import REFIT, ROW_SCORES, STUDY_ID, WORKER, retry_of, tally
 from summarizer.tracking import parent_run, preflight, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,77 @@ PLOTS = {
     "slice": optuna.visualization.plot_slice,
     "intermediate_values": optuna.visualization.plot_intermediate_values,
 }
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def paired_bootstrap(
+    best: list[float],
+    other: list[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    maximize: bool = True,
+) -> dict:
+    """Best minus runner-up on the same rows, resampled: the rows are drawn with replacement
+    `resamples` times (seeded) and each draw's mean difference kept. Returns the observed mean
+    difference, the 2.5 and 97.5 percentiles of the draws (a 95 % interval), and the share of draws
+    in which `best` is ahead (above for maximize, below otherwise)."""
+    a, b = np.asarray(best, dtype=float), np.asarray(other, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired rows needed: {a.shape} vs {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    step = max(1, 4_000_000 // len(diff))  # draws per chunk: bounded memory for large splits
+    for start in range(0, resamples, step):
+        n = min(step, resamples - start)
+        means[start : start + n] = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    ahead = means > 0 if maximize else means < 0
+    return {
+        "mean_diff": float(diff.mean()),
+        "low": float(low),
+        "high": float(high),
+        "share_ahead": float(ahead.mean()),
+        "resamples": resamples,
+        "seed": seed,
+    }
+
+
+def compare_best(study: optuna.Study) -> dict:
+    """The paired bootstrap of the best COMPLETE trial against the runner-up on their validation
+    rows, or `note` saying why there is none (one trial, no row scores, other rows)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    out: dict = {"validation_rows": None}
+    if not trials:
+        return {**out, "note": "no COMPLETE trial"}
+    best = study.best_trial  # the one the report and the refit name, also among equal values
+    others = [t for t in trials if t.number != best.number]
+    ranked = [best, *sorted(others, key=lambda t: t.value, reverse=maximize)]
+    rows = best.user_attrs.get(ROW_SCORES)
+    if rows:
+        out["validation_rows"] = len(rows["values"])
+        out["key"] = rows["key"]
+    if len(ranked) < 2:
+        return {**out, "best": best.number, "note": "no runner-up: one COMPLETE trial"}
+    runner = ranked[1]
+    out.update({"best": best.number, "runner_up": runner.number})
+    other = runner.user_attrs.get(ROW_SCORES)
+    missing = [t.number for t, r in ((best, rows), (runner, other)) if not r]
+    if missing:
+        which = " and ".join(f"trial {n}" for n in missing)
+        return {**out, "note": f"{which} kept no per-row scores: no paired comparison"}
+    if rows["ids_hash"] != other["ids_hash"] or rows["key"] != other["key"]:
+        return {
+            **out,
+            "note": f"trials {best.number} and {runner.number} were scored on different "
+            "validation rows (or objectives): no paired comparison",
+        }
+    out["bootstrap"] = paired_bootstrap(rows["values"], other["values"], maximize=maximize)
+    return out
 
 
 def summary(study: optuna.Study) -> dict:
@@ -55,6 +127,8 @@ def summary(study: optuna.Study) -> dict:
         "trials": states,
         "done": tally(study)[0],
         "best": None,
+        "comparison": compare_best(study),
+        "refit": study.user_attrs.get(REFIT),
     }
     if done:
         best = study.best_trial
@@ -165,6 +239,11 @@ def page(info: dict, figures: list, links: dict[str, str]) -> str:
         )
     best = info["best"]
     head = f"best: trial {best['number']} ({best['value']:.4f})" if best else "no finished trial"
+    noise = f"<p>{e(comparison_line(info['comparison']))}</p>"
+    refit = info.get("refit")
+    if refit:
+        noise += f"<p>refit of trial {refit.get('trial')}: {e(str(refit.get('state')))} "
+        noise += f"({e(str(refit.get('output_dir')))})</p>"
     plots = [
         f"<h2>{e(name.replace('_', ' '))}</h2>"
         + fig.to_html(full_html=False, include_plotlyjs=i == 0)
@@ -177,11 +256,27 @@ def page(info: dict, figures: list, links: dict[str, str]) -> str:
         "</style></head><body>"
         f"<h1>Sweep {e(info['study'])}</h1><p>{e(head)}; {info['done']} trial(s) done "
         f"({e(', '.join(f'{k.lower()} {v}' for k, v in info['trials'].items() if v))})</p>"
-        "<table><tr><th>trial</th><th>state</th><th>value</th><th>params</th><th>MLflow</th></tr>"
+        + noise
+        + "<table><tr><th>trial</th><th>state</th><th>value</th><th>params</th><th>MLflow</th></tr>"
         + "".join(rows)
         + "</table>"
         + "".join(plots)
         + "</body></html>\n"
+    )
+
+
+def comparison_line(c: dict) -> str:
+    """The comparison in one sentence: the report page, the parent run's description."""
+    n = c.get("validation_rows")
+    size = f"validation rows: {n}" if n else "validation rows: unknown"
+    boot = c.get("bootstrap")
+    if not boot:
+        return f"{size}; {c.get('note', 'no comparison')}."
+    return (
+        f"{size}; trial {c['best']} minus runner-up trial {c['runner_up']} ({c['key']}, paired "
+        f"bootstrap of {boot['resamples']} resamples of rows): {boot['mean_diff']:+.3f}, 95 % "
+        f"interval [{boot['low']:+.3f}, {boot['high']:+.3f}]; the best is ahead in "
+        f"{100 * boot['share_ahead']:.1f} % of the resamples."
     )
 
 
@@ -212,7 +307,13 @@ def _to_mlflow(uri: str, run_id: str, info: dict, out_dir: Path, status: str | N
         if child:
             client.set_tag(run_id, "best.run_id", child.info.run_id)
         _log_best_adapter(client, run_id, best)
-    note = _description(info, out_dir)
+    comparison = info["comparison"]
+    if comparison.get("validation_rows"):
+        client.log_metric(run_id, "validation_rows", comparison["validation_rows"])
+    if boot := comparison.get("bootstrap"):
+        for k in ("mean_diff", "low", "high", "share_ahead"):
+            client.log_metric(run_id, f"best_vs_runner_up_{k}", boot[k])
+    note = _description(info, out_dir) + " " + comparison_line(comparison)
     if view := client.get_run(run_id).data.tags.get("sweep.view"):
         note += f" All its runs, flat: the MLflow UI's {view}"
     client.set_tag(run_id, "mlflow.note.content", note)

@@ -48,6 +48,8 @@ JOINED = "sweepers_joined"  # study user attr: sweeper processes started on it (
 STUDY_ID = "study_id"  # study user attr: a UUID given at creation (the MLflow parent's key)
 SETTINGS = "settings"  # study user attr: {key: value} of the settings every trial runs with
 SEARCHED = "searched"  # study user attr: the keys searched when SETTINGS was stored
+ROW_SCORES = "row_scores"  # user attr of a COMPLETE trial: each validation row's objective
+REFIT = "refit"  # study user attr: {trial, output_dir, state, worker} of the sweep's refit
 RETRY_OF_FAILED = "retry_of_failed"  # user attr of a trial re-running a FAILED one (retry_failed)
 
 # Settings that say where or how a trial runs, not what it computes: workers and reruns may differ
@@ -266,10 +268,16 @@ def claim(
 
 
 def keep_result(study: optuna.Study, trial: optuna.Trial | FrozenTrial, result: dict) -> None:
-    """The job's metrics and adapter path, kept in the study: the report and the best trial come
-    from the shared storage, not from a folder on the machine that ran the trial."""
+    """The job's metrics, adapter path and each validation row's objective (`row_scores`: key,
+    ids_hash, values; the ids stay in result.json), kept in the study: the report, its paired
+    comparison and the best trial come from the shared storage, not from a folder on the machine
+    that ran the trial."""
     storage, trial_id = compat.storage(study), compat.trial_id(trial)
     storage.set_trial_user_attr(trial_id, "metrics", result.get("metrics") or {})
+    rows = result.get("row_scores")
+    if rows:
+        kept = {k: rows[k] for k in ("key", "ids_hash", "values")}
+        storage.set_trial_user_attr(trial_id, ROW_SCORES, kept)
     if result.get("adapter"):
         storage.set_trial_user_attr(trial_id, "adapter", result["adapter"])
 

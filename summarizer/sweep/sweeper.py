@@ -37,6 +37,9 @@ more instead of resuming to n_trials. This sweeper reuses its search-space synta
   the storage itself, so no worker overshoots n_trials, and Optuna hands each trial, queued or new,
   to exactly one worker. A worker stays until the study has n_trials done, to take over the retry
   of a worker that dies.
+- Refit (`refit=true`): once the study has n_trials done, one worker (claimed under the same
+  lock) trains the best trial's settings again on every labelled row and publishes its test
+  predictions as <sweep dir>/submission.csv (sweep/refit.py); a rerun resumes or skips it.
 - MLflow: one parent run per sweep, found or created under the same lock (workers starting together
   find one run, not three); each trial's run nests under it across processes; results are kept in
   the study too (user attrs `metrics`, `adapter`, `worker`), so the report can be made from any
@@ -67,6 +70,7 @@ from summarizer import compat
 from summarizer.config import SamplerConf
 from summarizer.errors import UserError, first_line
 from summarizer.sweep import jobs
+from summarizer.sweep import refit as refits
 from summarizer.sweep.pruners import build_sampler
 from summarizer.sweep.storage import check_storage, resolve_storage, shown, storage_lock
 from summarizer.sweep.study import (
@@ -113,6 +117,9 @@ class SummarizerSweeperConf:
     max_retries: int = 1  # re-runs of a trial cut off by an interruption
     retry_failed: bool = False  # queue the study's FAILED trials once more (their cause was fixed)
     report: bool = True  # plots + best-trial summary at the end (also: make sweep-report)
+    # at the end: the best trial's settings trained again on every labelled row, its predictions
+    # of data.test_path as <sweep dir>/submission.csv (sweep/refit.py)
+    refit: bool = False
 
 
 def _shown_distribution(d: optuna.distributions.BaseDistribution) -> str:
@@ -173,6 +180,7 @@ class SummarizerSweeper(Sweeper):
 
         c = self.conf
         gpus = sweep_gpus(c.gpus)  # gpus=auto on a machine without one fails before anything
+        self.gpus = gpus
         self.url = resolve_storage(c.storage, self.launch_dir)
         check_storage(self.url)
         self.study = open_study(
@@ -188,6 +196,8 @@ class SummarizerSweeper(Sweeper):
             [f"{k}={v}" for k, v in c.params.items()] + list(arguments)
         )
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
+        if c.refit:  # before any trial: a sweep that cannot end in a submission does not start
+            self._check_refit(fixed)
         if self._tracking_uri():
             import mlflow  # noqa: F401  (seconds of import: not while holding the lock below)
         # Under the study's lock: workers starting together agree on the study's identity and
@@ -260,6 +270,9 @@ class SummarizerSweeper(Sweeper):
                 jobs.terminate(self.procs, self.jobs)
                 with self.ended:  # each worker tells its cut-off trial (FAIL, re-queued) and ends
                     self.ended.wait_for(lambda: self.alive == 0, timeout=60)
+        refit_error = None
+        if c.refit and not interrupted and not self.errors:
+            interrupted, refit_error = self._refit()
         self._finish()
         if interrupted:
             raise KeyboardInterrupt
@@ -274,7 +287,147 @@ class SummarizerSweeper(Sweeper):
                 ) from e
             raise e
         self._check_outcome()
+        if refit_error:
+            raise UserError(refit_error)
         return []
+
+    # --- the refit -------------------------------------------------------------------------------
+
+    def _check_refit(self, fixed: dict) -> None:
+        test = fixed.get("data.test_path", OmegaConf.select(self.config, "data.test_path"))
+        if not test or str(test) in ("null", "None"):
+            raise UserError(
+                "hydra.sweeper.refit=true needs data.test_path (the rows the refit predicts for "
+                "submission.csv); set it, or hydra.sweeper.refit=false"
+            )
+        if not (self.launch_dir / str(test)).is_file():
+            raise UserError(f"data.test_path={test}: file not found (hydra.sweeper.refit=true)")
+
+    def _refit(self) -> tuple[bool, str | None]:
+        """Train the best trial's settings on all labelled rows and publish its submission, here
+        unless another worker does or did. Returns (interrupted, the error line of a failure)."""
+        c = self.conf
+        with storage_lock(self.url, c.study_name):
+            d = refits.decide(self.study, c.n_trials, self.sweep_dir, self.me, c.grace_period)
+        if d.action == "done":
+            refits.publish(d.folder / refits.SUBMISSION, self.sweep_dir / refits.SUBMISSION)
+            log.info("refit done: %s", self.sweep_dir / refits.SUBMISSION)
+            return False, None
+        if d.action != "run":
+            log.info("refit: not here (%s)", d.why if d.action != "elsewhere" else
+                     f"trial {d.trial.number}'s refit runs in {d.why}")  # fmt: skip
+            return False, None
+        trial, out = d.trial, d.folder
+        budget, why = refits.budget(trial, refits.settings(self.study))
+        own = [*budget, f"tracking.run_name={c.study_name}-refit", f"trial.refit_of={trial.number}"]
+        if self.parent_run:
+            own.append(f"trial.parent_run_id={self.parent_run}")
+        if d.resume:
+            own.append("train.resume=true")
+        args = refits.overrides(self.fixed, trial.params, own)
+        aside = refits.prepare(out, d.resume)
+        if aside:
+            log.info("refit: %s had no checkpoint to resume from: kept as %s", out, aside)
+        log.info(
+            "refit%s: trial %d's settings on every labelled row, %s, in %s",
+            " resumed" if d.resume else "", trial.number, why, out,
+        )  # fmt: skip
+        returncode, logs, interrupted = None, out / "job.log", False
+        with jobs.sigterm_as_ctrl_c():
+            try:
+                returncode, logs = self._run_refit(args, out, trial.number)
+            except KeyboardInterrupt:
+                interrupted = True
+                jobs.ignore_sigterm()
+                log.warning("interrupted: stopping the refit; rerun the same command to resume it")
+                jobs.terminate(self.procs, self.jobs)
+        result = refits.read_result(out) if returncode == 0 else None
+        run_id = self._refit_run(out, trial.number)
+        if result and result.get("state") == "COMPLETE" and (out / refits.SUBMISSION).is_file():
+            target = self.sweep_dir / refits.SUBMISSION
+            backup = refits.publish(out / refits.SUBMISSION, target)
+            if backup:
+                log.info("refit: the previous %s is kept as %s", target.name, backup)
+            refits.record(self.study, "COMPLETE", run_id=run_id)
+            self._mlflow_refit(run_id, target)
+            log.info("refit done: %s (trial %d's settings, %s)", target, trial.number, out)
+            return False, None
+        if interrupted:
+            refits.record(self.study, "FAIL", error="interrupted")
+            return True, None
+        reason = jobs.failure_line(logs) or f"exit code {returncode}"
+        refits.record(self.study, "FAIL", error=reason)
+        return False, (
+            f"the refit of trial {trial.number} FAILED: {reason} (see {logs}); rerun the same "
+            "command to resume it"
+        )
+
+    def _run_refit(self, args: list[str], out: Path, number: int) -> tuple[int, Path]:
+        """The refit job, as the trials ran: a local process (on the first listed GPU), or one
+        submitit job whose folder is `out` (hydra.sweep.subdir)."""
+        beat = lambda: refits.beat(self.study)  # noqa: E731
+        if self.executor is None:
+            gpu = self.gpus[0] if self.gpus else None
+            returncode = jobs.run_process(
+                args,
+                out,
+                cwd=self.launch_dir,
+                env=jobs.process_env(gpu, 0),
+                beat=beat,
+                interval=self.conf.heartbeat_interval,
+                running=self.procs,
+                key=-1,
+            )
+            return returncode, out / "job.log"
+
+        def submit(*job_args):
+            with self.submit_lock:
+                return self.executor.submit(*job_args)
+
+        return jobs.run_job(
+            submit,
+            self.launcher,
+            [*args, f"hydra.sweep.subdir={out.name}"],
+            number,
+            beat=beat,
+            interval=self.conf.heartbeat_interval,
+            running=self.jobs,
+            submitted=lambda job: log.info("refit: submitit job %s", job.job_id),
+            warn=lambda line: log.warning("refit: %s", line),
+        )
+
+    def _refit_run(self, out: Path, number: int) -> str | None:
+        """The refit job's MLflow run (from its folder), tagged `refit.of_trial` and ended if its
+        process could not end it (killed)."""
+        uri = self._tracking_uri()
+        run_file = out / "mlflow_run_id"
+        if not uri or not run_file.is_file():
+            return None
+        run_id = run_file.read_text("utf-8").strip()
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from summarizer.tracking import end_run_if_running
+
+            MlflowClient(uri).set_tag(run_id, "refit.of_trial", str(number))
+            end_run_if_running(uri, run_id, "KILLED", "FAIL")
+        except Exception as e:  # bookkeeping: never lose a finished refit for it
+            log.warning("MLflow: could not tag the refit's run: %s", first_line(e))
+        return run_id
+
+    def _mlflow_refit(self, run_id: str | None, submission: Path) -> None:
+        uri = self._tracking_uri()
+        if not uri or not self.parent_run:
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            if run_id:
+                client.set_tag(self.parent_run, "refit.run_id", run_id)
+            client.log_artifact(self.parent_run, str(submission))
+        except Exception as e:  # bookkeeping: never lose a finished refit for it
+            log.warning("MLflow: could not log the refit on the sweep's run: %s", first_line(e))
 
     def _settings(self, fixed: dict) -> dict[str, str]:
         """What every trial of this sweep runs with, as strings: the composed config without

@@ -4,6 +4,7 @@ leaves `result.json` for the sweeper to `tell` the outcome."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -37,6 +38,16 @@ def attach(cfg: TrialConfig) -> optuna.Trial | None:
             "gave it up (or another worker retried it); this job stops"
         )
     return optuna.trial.Trial(study, trial_id)
+
+
+def row_scores(key: str, ids: list[str], rows: list[dict[str, float]]) -> dict:
+    """Each validation row's `key` score, in the split's order, with the row ids and their hash:
+    two trials are compared row by row only on the same rows (sweep/report.py)."""
+    return {"key": key, "ids": ids, "ids_hash": ids_hash(ids), "values": [r[key] for r in rows]}
+
+
+def ids_hash(ids: list[str]) -> str:
+    return hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
 
 
 def write_result(out_dir: Path, state: str, value: float | None, **extra) -> None:

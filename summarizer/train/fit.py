@@ -136,6 +136,10 @@ def fit(
     }
     if eval_loss is not None:
         figures["eval_loss"] = eval_loss
+    # the epochs behind the weights kept (the best checkpoint's, when early stopping loaded it):
+    # what a refit on all labelled rows trains for (sweep/refit.py)
+    figures["train_epochs"] = float(trainer.state.epoch or 0.0)
+    figures["kept_epoch"] = _kept_epoch(trainer)
     if captures:  # one-off costs: a short run's tokens/s is below the steady rate
         figures["train_graph_captures"] = len(captures)
         figures["train_graph_capture_seconds"] = sum(captures)
@@ -167,6 +171,19 @@ def _packed_dataset(bins: list[list[dict]]):
 
 def _unbin(item: dict) -> list[dict]:
     return [{"input_ids": i, "labels": lab} for i, lab in zip(item["input_ids"], item["labels"])]
+
+
+def _kept_epoch(trainer) -> float:
+    """The epoch of the weights training leaves: the best checkpoint's with load_best_model_at_end
+    (its step's logged epoch), else where training ended."""
+    state = trainer.state
+    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    if best:
+        step = int(str(best).rstrip("/").rsplit("-", 1)[-1])
+        for entry in state.log_history:
+            if entry.get("step") == step and "epoch" in entry:
+                return float(entry["epoch"])
+    return float(state.epoch or 0.0)
 
 
 def _final_eval_loss(trainer, eval_ds) -> float:

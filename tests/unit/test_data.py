@@ -81,4 +81,12 @@ def test_split_is_seeded_disjoint_and_order_free():
 def test_split_needs_both_sides():
     rows = load(cfg(SAMPLE_KO))[:3]
     with pytest.raises(UserError, match="val_size"):
-        split(rows, 0.0, 1)
+        split(rows, 0.1, 1)  # rounds to no validation row
+    with pytest.raises(UserError, match="val_size"):
+        split(rows, 3, 1)  # no training row
+
+
+def test_val_size_zero_trains_on_every_row():
+    rows = load(cfg(SAMPLE_KO))
+    train, val = split(rows, 0, 42)
+    assert val == [] and train == rows

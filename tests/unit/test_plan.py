@@ -115,3 +115,24 @@ def test_every_shipped_option_passes_preflight(group):
                 preflight.make(cfg)
         else:
             preflight.make(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ([], "got stages.evaluate=true, train.eval_strategy=steps"),
+        (["stages.evaluate=false"], "got train.eval_strategy=steps"),
+        (["train.eval_strategy=no"], "got stages.evaluate=true"),
+    ],
+)
+def test_val_size_zero_needs_no_evaluation(overrides, named):
+    with pytest.raises(UserError) as e:
+        preflight.make(_cfg("data.val_size=0", *overrides))
+    message = str(e.value)
+    assert message.startswith("data.val_size=0 (no validation split") and "\n" not in message
+    assert message.endswith(named)
+
+
+def test_val_size_zero_without_evaluation_passes():
+    cfg = _cfg("data.val_size=0", "stages.evaluate=false", "train.eval_strategy=no")
+    assert preflight.make(cfg).train is not None
