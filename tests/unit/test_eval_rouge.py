@@ -299,3 +299,23 @@ def test_gemma_sweep_files_are_one():
     assert (CONF / "sweep" / "gemma.yaml").read_text() == (
         CONF.parent / "sweeps" / "gemma.yaml"
     ).read_text()
+
+
+def test_static_decoding_of_the_unmerged_model_mid_training_gives_generates_tokens(
+    tiny, run_parts, tmp_path
+):
+    """EvalRouge generates with the PeftModel as it trains (never merged) through the run's plan:
+    the static decoder (a GPU's default) writes the same summaries as `generate` on it."""
+    cfg, tok, encode, stop, _, rouge_rows = run_parts
+    outs = {}
+    for static in (False, True):
+        seen, gen = outs.setdefault(static, []), GeneratePlan(merged=False, static=static)
+
+        def write(lm, seen=seen, gen=gen):
+            seen.append(pipeline.summarize(cfg, lm, tok, rouge_rows, encode, stop, gen))
+            return {"rouge_sum": 0.0}, [0.0] * len(rouge_rows)
+
+        _train(
+            tiny, run_parts, tmp_path / str(static), [callbacks.EvalRouge(write, "rouge_sum", 3)]
+        )
+    assert outs[True] == outs[False] and len(outs[True]) == 2
