@@ -53,6 +53,9 @@ class ModelConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
+    # set: alpha = r x alpha_ratio (lora.alpha is ignored), so a sweep searches the ratio and the
+    # rank independently; null: lora.alpha as given
+    alpha_ratio: float | None = None
     dropout: float = 0.05
     target_modules: list[str] = field(
         default_factory=lambda: [
@@ -252,6 +255,10 @@ class TrainConfig:
     seed: int = 42
     train_rows: int | None = None  # use only the first N training rows (after the split)
     eval_rows: int | None = None  # use only the first N validation rows (eval loss and ROUGE)
+    # >0: at each evaluation inside training, generate summaries for the first N validation rows
+    # (the run's generation settings) and log their eval_rouge1 ... eval_<objective> by step (and
+    # eval_rouge_seconds, the cost); trial.intermediate=rouge reports them to a sweep. 0: off
+    eval_rouge_rows: int = 0
     resume_from: str | None = None  # checkpoint folder, or a run's checkpoints folder (last one)
     # Continue this run where it stopped: rerun the same command with hydra.run.dir=<its folder>.
     resume: bool = False
@@ -364,12 +371,23 @@ class StagesConfig:
 
 @dataclass
 class PrunerConfig:
-    name: str = "none"  # none | median | percentile | hyperband
+    """The study's pruner (sweep/pruners.py). Steps and resources are training steps: a trial
+    reports at the Trainer's global_step (except wilcoxon, which reports one value per ROUGE row)."""
+
+    name: str = "none"  # none | median | percentile | hyperband | successive_halving | wilcoxon
     n_startup_trials: int = 4  # median/percentile: trials that finish before any pruning
     n_warmup_steps: int = 0  # median/percentile: training steps before a trial may be pruned
     percentile: float = 50.0  # percentile: prune below this percentile of earlier trials
-    min_resource: int = 1  # hyperband: the smallest budget (evaluations) a trial gets
-    reduction_factor: int = 3  # hyperband
+    # hyperband / successive_halving: the training steps every trial gets before its first rung
+    min_resource: int = 1
+    reduction_factor: int = 3  # hyperband / successive_halving: >= 2; keep the best 1/rf per rung
+    # hyperband: the most training steps a trial runs; auto: the longest trial seen so far
+    max_resource: int | str = "auto"
+    min_early_stopping_rate: int = 0  # successive_halving: rungs skipped before the first cut
+    # wilcoxon: prune when a signed-rank test of this trial's per-row ROUGE against the best
+    # trial's, row by row, gives p below this (0 < p < 1; larger prunes more)
+    p_threshold: float = 0.1
+    n_startup_steps: int = 2  # wilcoxon: paired rows needed before any pruning
 
 
 @dataclass
@@ -381,6 +399,9 @@ class TrialConfig:
     number: int | None = None  # the trial this job runs
     parent_run_id: str | None = None  # MLflow run of the sweep (this job's run nests under it)
     refit_of: int | None = None  # the sweep's refit job: the trial whose settings it trains again
+    # What each evaluation reports to the pruner: loss (-eval_loss at global_step) | rouge (the
+    # mean task.objective of the train.eval_rouge_rows rows at global_step; higher is better)
+    intermediate: str = "loss"
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
 

@@ -348,6 +348,15 @@ def _tiny_tokenizer(train_text: str, vocab_size: int, cache_dir: str) -> Path:
 # --- LoRA ----------------------------------------------------------------------------------------
 
 
+def lora_alpha(cfg: LoraConfig) -> float:
+    """LoRA's alpha: r x lora.alpha_ratio when the ratio is set, else lora.alpha."""
+    if cfg.alpha_ratio is None:
+        return cfg.alpha
+    if cfg.alpha_ratio <= 0:
+        raise UserError(f"lora.alpha_ratio={cfg.alpha_ratio}: expected > 0 (alpha = r x ratio)")
+    return cfg.r * cfg.alpha_ratio
+
+
 def add_lora(
     model,
     cfg: LoraConfig,
@@ -366,7 +375,8 @@ def add_lora(
 
     if cfg.r <= 0:
         raise UserError(f"lora.r={cfg.r} must be a positive integer")
-    if cfg.alpha <= 0:
+    alpha = lora_alpha(cfg)
+    if alpha <= 0:
         raise UserError(f"lora.alpha={cfg.alpha} must be positive")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"lora.dropout={cfg.dropout} must be in [0, 1)")
@@ -383,7 +393,7 @@ def add_lora(
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias=cfg.bias,

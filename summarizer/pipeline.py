@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from summarizer import (
     augment,
-    compat,
     data,
     distributed,
     generate,
@@ -97,11 +96,22 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
     checkpoint, run_id = (resumed.checkpoint, resumed.mlflow_run_id) if resumed else (None, None)
     if checkpoint:
         tags["resumed_from"] = checkpoint.name
+    # ROUGE on the first train.eval_rouge_rows validation rows at each evaluation (rank 0 scores).
+    rouge = None
+    if cfg.stages.train and cfg.train.eval_rouge_rows > 0:
+        rows = val_ex[: cfg.train.eval_rouge_rows]
+        score_fn = _rouge_scorer(cfg, plan, tokenizer, rows, encode, stop_id) if main else None
+        rouge = callbacks.EvalRouge(score_fn, cfg.task.objective, len(rows))
     # In a sweep every DDP rank gets the pruning callback: rank 0 decides, all stop together.
     in_sweep = cfg.trial.number is not None
-    trainer_callbacks = [callbacks.MlflowMetrics()] + (
-        [callbacks.ReportToTrial(trial)] if in_sweep else []
-    )
+    report = None
+    if in_sweep:
+        report = callbacks.ReportToTrial(
+            trial,
+            rouge if cfg.trial.intermediate == "rouge" else None,
+            per_row=cfg.trial.pruner.name == "wilcoxon",
+        )
+    trainer_callbacks = [callbacks.MlflowMetrics()] + [c for c in (rouge, report) if c]
     params = OmegaConf.to_container(cfg, resolve=True)
     parent = cfg.trial.parent_run_id
     try:
@@ -142,7 +152,7 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
                         plan=plan.train,
                     )
                 except optuna.TrialPruned:
-                    _log_pruned(trial)
+                    _log_pruned(report)
                     raise
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
                 if main:  # also without MLflow (benchmarks/ddp.py reads it)
@@ -194,17 +204,29 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
     return objective
 
 
-def _log_pruned(trial: optuna.Trial | None) -> None:
-    """Where the pruner stopped the trial: its last reported step and eval loss, on its run."""
-    if trial is None:  # a DDP rank other than 0
+def _log_pruned(report: callbacks.ReportToTrial | None) -> None:
+    """Where the pruner stopped the trial, on its run: the global step and the value of what the
+    trial reported there (eval_loss, or the mean eval_<objective> of the ROUGE rows)."""
+    if report is None or report.last is None:  # a DDP rank other than 0
         return
-    reported = compat.storage(trial.study).get_trial(compat.trial_id(trial)).intermediate_values
-    if not reported:
-        return
-    step = max(reported)
-    eval_loss = -reported[step]  # the trial reports -eval_loss (higher is better)
-    tracking.set_tags({"pruned.step": step, "pruned.eval_loss": f"{eval_loss:.4f}"})
-    tracking.log_metrics({"pruned_step": step, "pruned_eval_loss": eval_loss})
+    step, name, value = report.last
+    tracking.set_tags({"pruned.step": step, f"pruned.{name}": f"{value:.4f}"})
+    tracking.log_metrics({"pruned_step": step, f"pruned_{name}": value})
+
+
+def _rouge_scorer(cfg, plan, tokenizer, rows, encode, stop_id):
+    """score(model) -> (mean scores, each row's task.objective) of `rows`, summarised as the run's
+    evaluation does it (prompts, generation settings, metric): EvalRouge's `score_fn`. Never the
+    merged copy: the model trains on."""
+    tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
+    refs = [ex.summary for ex in rows]
+
+    def score(lm) -> tuple[dict[str, float], list[float]]:
+        preds = summarize(cfg, lm, tokenizer, rows, encode, stop_id, plan.generate)
+        per_row = metrics.score_rows(cfg.task, preds, refs, tok, cfg.metric.keep_special_tokens)
+        return metrics.mean_rows(per_row), [r[cfg.task.objective] for r in per_row]
+
+    return score
 
 
 def evaluate(cfg, plan, lm, tokenizer, val_ex, encode, stop_id, path: Path) -> tuple[dict, list]:

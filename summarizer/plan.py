@@ -34,6 +34,7 @@ def make(cfg, world_size: int | None = None) -> Plan:
     check_data(cfg.data, cfg.prompt)
     check_no_validation(cfg)
     check_lora(cfg.lora)
+    check_trial(cfg.trial, cfg.train)
     # the model's context, when known without loading it (else build_model checks it first thing)
     limit = model.context_length(cfg.model, cfg.cache_dir)
     model.check_max_length(cfg.train.max_length, limit, cfg.model.name)
@@ -102,7 +103,39 @@ def check_no_validation(cfg) -> None:
 def check_lora(cfg) -> None:
     if cfg.r < 1:
         raise UserError(f"lora.r={cfg.r} must be a positive integer")
-    if cfg.alpha <= 0:
+    if cfg.alpha_ratio is None and cfg.alpha <= 0:
         raise UserError(f"lora.alpha={cfg.alpha}: expected > 0 (e.g. 2 x lora.r)")
+    model.lora_alpha(cfg)  # a ratio <= 0
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"lora.dropout={cfg.dropout}: expected 0 <= dropout < 1")
+
+
+INTERMEDIATE = ("loss", "rouge")  # trial.intermediate: what each evaluation reports to the pruner
+
+
+def check_trial(trial, train) -> None:
+    """What a trial reports and the pruner's budgets against the run's training (the pruner's own
+    values are checked by sweep.pruners.check_pruner)."""
+    if train.eval_rouge_rows < 0:
+        raise UserError(f"train.eval_rouge_rows={train.eval_rouge_rows}: expected 0 (off) or rows")
+    if trial.intermediate not in INTERMEDIATE:
+        raise UserError(
+            f"trial.intermediate={trial.intermediate!r}: expected {' or '.join(INTERMEDIATE)}"
+        )
+    if trial.intermediate == "rouge" and train.eval_rouge_rows < 1:
+        raise UserError(
+            "trial.intermediate=rouge reports ROUGE during training: set train.eval_rouge_rows "
+            "(e.g. 64), or trial.intermediate=loss"
+        )
+    pruner = trial.pruner
+    if pruner.name == "wilcoxon" and trial.intermediate != "rouge":
+        raise UserError(
+            "trial.pruner.name=wilcoxon pairs each ROUGE row with the best trial's: it needs "
+            "trial.intermediate=rouge (and train.eval_rouge_rows)"
+        )
+    steps = train.max_steps  # the trial's training steps where known without the data (>0)
+    if pruner.name in ("hyperband", "successive_halving") and 0 < steps < pruner.min_resource:
+        raise UserError(
+            f"trial.pruner.min_resource={pruner.min_resource} is more than the trial's "
+            f"{steps} training steps (train.max_steps): no trial would ever be pruned"
+        )

@@ -21,7 +21,8 @@ more instead of resuming to n_trials. This sweeper reuses its search-space synta
     small job), and it and the jobs share a filesystem (submitit's pickles, `result.json`). Any
     other launcher is refused rather than half supported.
 - The job attaches to its trial through the shared storage (sweep/trial.py): it reports -eval_loss
-  at each evaluation and the study's pruner stops it (PRUNED in Optuna and in MLflow).
+  (or ROUGE on some validation rows: trial.intermediate=rouge) at each evaluation and the study's
+  pruner stops it (PRUNED in Optuna and in MLflow).
 - The study lives in an RDB (sqlite in multirun/ by default; PostgreSQL for several machines;
   sweep/storage.py) under the sweep's name. A rerun resumes it to n_trials: COMPLETE, PRUNED and
   genuinely FAILED trials count; trials cut off by Ctrl-C, a killed sweeper (same host, dead pid)
@@ -71,7 +72,7 @@ from summarizer.config import SamplerConf
 from summarizer.errors import UserError, first_line
 from summarizer.sweep import jobs
 from summarizer.sweep import refit as refits
-from summarizer.sweep.pruners import build_sampler
+from summarizer.sweep.pruners import build_sampler, check_pruner
 from summarizer.sweep.storage import check_storage, resolve_storage, shown, storage_lock
 from summarizer.sweep.study import (
     ERROR,
@@ -181,6 +182,9 @@ class SummarizerSweeper(Sweeper):
         c = self.conf
         gpus = sweep_gpus(c.gpus)  # gpus=auto on a machine without one fails before anything
         self.gpus = gpus
+        pruner = OmegaConf.select(self.config, "trial.pruner")
+        if pruner is not None:  # a bad pruner fails here once, not in every trial's job
+            check_pruner(pruner)
         self.url = resolve_storage(c.storage, self.launch_dir)
         check_storage(self.url)
         self.study = open_study(

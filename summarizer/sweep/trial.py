@@ -1,6 +1,7 @@
 """The trial side of a sweep: a job started by the sweeper attaches to its Optuna trial through the
-shared storage, reports -eval_loss at each evaluation so the study's pruner can stop it early, and
-leaves `result.json` for the sweeper to `tell` the outcome."""
+shared storage, reports -eval_loss (or ROUGE: trial.intermediate) at each evaluation so the study's
+pruner can stop it early (train/callbacks.py ReportToTrial), and leaves `result.json` for the
+sweeper to `tell` the outcome."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -16,7 +17,7 @@ from summarizer.speed import graph_step, lean_lora, packing
 from summarizer.speed.compile import compiled_layers
 from summarizer.speed.switches import TrainPlan, train_plan
 from summarizer.train import loss
-from summarizer.train.callbacks import StopOnNonFinite
+from summarizer.train.callbacks import EvalRouge, StopOnNonFinite
 from summarizer.train.checkpoints import _resume_state, resolve_checkpoint, verify_checkpoint
 from summarizer.train.trainer import CompletionOnlyTrainer, _packs_bins, training_args
 
@@ -107,12 +108,13 @@ def fit(
         trainer.loss_before = loss_sum or 0.0
         log.info("resuming from %s (step %d)", resume, start_step)
     start = time.perf_counter()
-    # while the Trainer runs (its evaluations included); each is undone on the way out
-    with (
-        packing.attention(model, cfg.packing),
-        lean_lora.dropout_recompute(model, cfg.lora_dropout_recompute),
-        compiled_layers(model, cfg.compile),
-    ):
+    # while the Trainer runs (its evaluations included); each is undone on the way out, and while
+    # EvalRouge generates mid-training
+    modes = _TrainModes(model, cfg)
+    rouge = [cb for cb in extra if isinstance(cb, EvalRouge)]
+    for cb in rouge:
+        cb.pause = modes.paused
+    with modes:
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         eval_loss = _final_eval_loss(trainer, eval_ds) if eval_ds is not None else None
@@ -140,10 +142,41 @@ def fit(
     # what a refit on all labelled rows trains for (sweep/refit.py)
     figures["train_epochs"] = float(trainer.state.epoch or 0.0)
     figures["kept_epoch"] = _kept_epoch(trainer)
+    if rouge:  # inside train_seconds: what ROUGE during training cost this run
+        figures["eval_rouge_seconds_total"] = sum(cb.seconds_total for cb in rouge)
     if captures:  # one-off costs: a short run's tokens/s is below the steady rate
         figures["train_graph_captures"] = len(captures)
         figures["train_graph_capture_seconds"] = sum(captures)
     return figures
+
+
+class _TrainModes:
+    """Training's own speed modes (packed attention, lean LoRA dropout, compiled layers) as one
+    context; `paused()` leaves them for a while (generation needs the model's own attention and
+    eager layers) and enters them again."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.model, self.cfg, self.stack = model, cfg, None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(packing.attention(self.model, self.cfg.packing))
+        self.stack.enter_context(
+            lean_lora.dropout_recompute(self.model, self.cfg.lora_dropout_recompute)
+        )
+        self.stack.enter_context(compiled_layers(self.model, self.cfg.compile))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.stack.close()
+        try:
+            yield
+        finally:
+            self.__enter__()
 
 
 def _dataset(rows: list[dict]):

@@ -205,12 +205,12 @@ def test_a_pruned_trial_logs_where_it_was_pruned(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     s = open_study(resolve_storage(f"sqlite:///{tmp_path}/o.db", tmp_path), "s", "maximize", None)
-    t = s.ask()
-    t.report(-4.25, step=2)
-    t.report(-4.5, step=4)
+    report = ReportToTrial(s.ask())
+    for step, loss in ((2, 4.25), (4, 4.5)):
+        report.on_evaluate(None, SimpleNamespace(global_step=step), None, {"eval_loss": loss})
     with pytest.raises(optuna.TrialPruned):
         with tracking.run(TrackingConfig(uri=uri), uri, "t", {}, {}, None, (optuna.TrialPruned,)):
-            pipeline._log_pruned(t)
+            pipeline._log_pruned(report)
             raise optuna.TrialPruned("pruned")
     run = MlflowClient(uri).search_runs(["1"])[0]
     assert run.info.status == "KILLED" and run.data.tags["state"] == "PRUNED"
