@@ -159,7 +159,7 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
             if not main:  # the other DDP ranks only train; rank 0 saves, generates and scores
                 return float("nan")
             if sft_now:
-                _save_adapter(lm, tokenizer, sft_adapter, out)
+                _save_adapter(lm, tokenizer, sft_adapter, out, whole=cfg.stages.rl)
                 if cfg.tracking.log_adapter and not cfg.stages.rl:
                     tracking.log_artifact(sft_adapter)
             if cfg.stages.rl:
@@ -237,24 +237,25 @@ def rl_stage(cfg, plan, lm, tokenizer, train_ex, encode, stop_id, out, checkpoin
     )
 
 
-def _save_adapter(lm, tokenizer, path: Path, out: Path) -> None:
-    """The adapter (and tokenizer) into `path`, whole or not at all: written beside it, then
-    moved in; a folder of an earlier attempt of this run is replaced."""
+def _save_adapter(lm, tokenizer, path: Path, out: Path, whole: bool = False) -> None:
+    """The adapter (and tokenizer) into `path`. `whole`: written beside it, then moved in, so that
+    the folder is there only complete (train.resume reads adapter_sft as "SFT is done")."""
     import shutil
 
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    target = path.with_name(path.name + ".partial") if whole else path
+    if whole:
+        shutil.rmtree(target, ignore_errors=True)  # an attempt cut off mid-save
     try:
-        lm.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        lm.save_pretrained(target)
+        tokenizer.save_pretrained(target)
     except Exception as e:  # torch and safetensors raise their own types for ENOSPC
         if not resume.is_disk_full(e):
             raise
-        shutil.rmtree(partial, ignore_errors=True)
-        raise resume.disk_full(partial, out) from e
-    if path.exists():
-        shutil.rmtree(path)
-    partial.rename(path)
+        raise resume.disk_full(target, out) from e
+    if whole:
+        if path.exists():
+            shutil.rmtree(path)
+        target.rename(path)
 
 
 def _log_pruned(trial: optuna.Trial | None) -> None:

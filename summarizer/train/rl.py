@@ -20,6 +20,7 @@ import torch
 
 from summarizer import compat, generate, metrics
 from summarizer.config import RLConfig, TaskConfig
+from summarizer.errors import UserError
 from summarizer.files import write_atomic
 from summarizer.speed.static_decode import NEWLINE, NL_AFTER_TEXT, TEXT, _token_kinds
 from summarizer.train.checkpoints import write_manifest
@@ -213,6 +214,13 @@ def fit(
     from datasets import Dataset
 
     _, trainer_class = trl_classes(cfg.algorithm)
+    per_round = cfg.batch_size * cfg.grad_accum // cfg.num_generations
+    if len(prompts) < per_round:  # TRL's sampler drops an incomplete round: no step at all
+        raise UserError(
+            f"stages.rl: {len(prompts)} training prompts, fewer than the {per_round} a step samples "
+            f"(rl.batch_size={cfg.batch_size} x rl.grad_accum={cfg.grad_accum} / "
+            f"rl.num_generations={cfg.num_generations}); lower rl.batch_size or use more rows"
+        )
     args = rl_args(cfg, output_dir / CHECKPOINTS, precision, optim, gradient_checkpointing)
     if args.n_gpu > 1:  # one process, several GPUs: one GPU, as the SFT stage does
         compat.use_one_gpu(args)
