@@ -97,8 +97,10 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
     checkpoint, run_id = (resumed.checkpoint, resumed.mlflow_run_id) if resumed else (None, None)
     rl_checkpoint = resumed.rl_checkpoint if resumed else None
     sft_done = bool(resumed and resumed.sft_done)  # stages.rl: SFT finished before the cut
-    if checkpoint or rl_checkpoint:
-        tags["resumed_from"] = str((rl_checkpoint or checkpoint).relative_to(out))
+    if checkpoint:
+        tags["resumed_from"] = checkpoint.name
+    if rl_checkpoint:
+        tags["rl_resumed_from"] = rl_checkpoint.name
     # stages.rl: SFT's adapter is kept in adapter_sft, the RL result is `adapter` (generation's)
     sft_adapter = out / (resume.SFT_ADAPTER if cfg.stages.rl else "adapter")
     sft_now = cfg.stages.train and not sft_done

@@ -232,3 +232,9 @@ def test_a_cut_rl_stage_resumes_from_its_checkpoint_without_redoing_sft(
     result = json.loads((out / "result.json").read_text())
     assert result["state"] == "COMPLETE" and result["adapter"] == str((out / "adapter").resolve())
     assert not list(out.glob("*.partial"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["summarizer"], output_format="list")
+    assert run.info.status == "FINISHED" and run.data.tags["rl_resumed_from"] == "checkpoint-2"
+    assert "final_rl_steps" in run.data.metrics and "rl_reward" in run.data.metrics
