@@ -47,6 +47,14 @@ TRAINER_HOOKS = {
     "_prepare_inputs": ("inputs",),  # the CUDA-graph step moves its batch as HF's step does
 }
 
+# Protected methods of TRL's GRPOTrainer and RLOOTrainer that `train.rl` overrides, with their
+# leading parameters: TRL has no public way to hand it prompt token ids (it tokenizes the text
+# again) or to end a completion at the first newline after some text.
+RL_TRAINER_HOOKS = {
+    "_tokenize_prompts": ("prompts",),  # -> (prompt ids, images, multimodal fields)
+    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields"),  # -> completion ids
+}
+
 
 def _key(version: str) -> tuple[int, ...]:
     """'2.13.0+cpu' -> (2, 13, 0): release numbers only (local and pre-release tags dropped)."""

@@ -353,6 +353,53 @@ class TaskConfig:
     objective: str = "rouge_sum"  # the score run() returns, which a sweep maximises
 
 
+RL_ALGORITHMS = ("grpo", "rloo")  # rl.algorithm: TRL's GRPOTrainer | RLOOTrainer
+
+
+@dataclass
+class RLRewardConfig:
+    """The RL stage's reward of one completion (summarizer/train/rl.py)."""
+
+    rouge_weight: float = 1.0
+    # the per-row score rewarded: null = task.objective (rouge_sum for summaries), or any score of
+    # task.metrics (rouge1, rouge2, rougeL, final, ...)
+    score: str | None = None
+    # minus length_weight x |len(candidate) / len(reference) - length_target| in metric tokens
+    # (mecab morphemes for ko); 0: no length term
+    length_weight: float = 0.0
+    length_target: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    """stages.rl: reinforcement learning of the LoRA adapter after SFT, with TRL (conf/rl)."""
+
+    name: str = "grpo"
+    algorithm: str = "grpo"  # grpo | rloo (TRL's GRPOTrainer / RLOOTrainer)
+    lr: float = 1e-5
+    max_steps: int = 50  # optimizer steps; -1: `epochs` over the training split
+    epochs: float = 1.0
+    # completions per device per step (not prompts): each step sees batch_size x grad_accum /
+    # num_generations prompts; TRL needs batch_size x processes x grad_accum divisible by
+    # num_generations
+    batch_size: int = 8
+    grad_accum: int = 1
+    num_generations: int = 4  # completions sampled per prompt (the group compared in GRPO/RLOO)
+    max_new_tokens: int = 128  # completion length cap (prompts are cut as for generation)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # KL to the reference policy: the adapter as the stage starts (a frozen copy, "ref"); 0: none
+    beta: float = 0.0
+    loss_type: str = (
+        "dapo"  # GRPO's loss (TRL: grpo | dr_grpo | dapo | bnpo | ...); rloo ignores it
+    )
+    reward: RLRewardConfig = field(default_factory=RLRewardConfig)
+    logging_steps: int = 1
+    save_steps: int = 25  # checkpoints in <run>/rl_checkpoints (train.resume continues from there)
+    save_total_limit: int = 2
+    seed: int = 42
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True
@@ -367,6 +414,7 @@ class StagesConfig:
     train: bool = True  # false: evaluate the base model or `adapter`
     evaluate: bool = True  # generate + score the validation split
     predict_test: bool = False  # summarise data.test_path into a submission CSV
+    rl: bool = False  # after SFT (or on `adapter`): RL of the adapter with a ROUGE reward (conf/rl)
 
 
 @dataclass
@@ -414,6 +462,7 @@ class Config:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)

@@ -416,11 +416,12 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load_adapter(model, path: str):
+def load_adapter(model, path: str, trainable: bool = False):
+    """A saved LoRA adapter on `model`; `trainable`: its weights train on (the RL stage)."""
     from peft import PeftModel
 
     if not (Path(path) / "adapter_config.json").is_file():
         raise UserError(
             f"adapter={path}: no adapter_config.json there (expected a saved LoRA adapter)"
         )
-    return PeftModel.from_pretrained(model, path)
+    return PeftModel.from_pretrained(model, path, is_trainable=trainable)

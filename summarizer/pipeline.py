@@ -30,7 +30,7 @@ from summarizer.errors import UserError
 from summarizer.files import write_atomic, write_csv
 from summarizer.speed import merge
 from summarizer.sweep import trial as sweep
-from summarizer.train import callbacks, resume
+from summarizer.train import callbacks, resume, rl
 from summarizer.train.fit import fit
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,15 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
         run_name = f"{cfg.trial.study}-trial-{trial.number}"
         tags.update({"optuna.study": cfg.trial.study, "optuna.trial": str(trial.number)})
     checkpoint, run_id = (resumed.checkpoint, resumed.mlflow_run_id) if resumed else (None, None)
+    rl_checkpoint = resumed.rl_checkpoint if resumed else None
+    sft_done = bool(resumed and resumed.sft_done)  # stages.rl: SFT finished before the cut
     if checkpoint:
         tags["resumed_from"] = checkpoint.name
+    if rl_checkpoint:
+        tags["rl_resumed_from"] = rl_checkpoint.name
+    # stages.rl: SFT's adapter is kept in adapter_sft, the RL result is `adapter` (generation's)
+    sft_adapter = out / (resume.SFT_ADAPTER if cfg.stages.rl else "adapter")
+    sft_now = cfg.stages.train and not sft_done
     # ROUGE on the first train.eval_rouge_rows validation rows at each evaluation (rank 0 scores).
     rouge = None
     if cfg.stages.train and cfg.train.eval_rouge_rows > 0:
@@ -128,7 +135,7 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
             tracking.log_metrics(aug_stats)  # aug_rows_before / _generated / _kept / _after ...
             tracking.log_artifact(out / augment.SAMPLE_FILE)
             lm = base
-            if cfg.stages.train:
+            if sft_now:
                 train_rows = [encode(ex, True) for ex in train_ex]
                 eval_rows = [encode(ex, True) for ex in val_ex]
                 _log_truncation("training", train_rows + eval_rows)
@@ -157,18 +164,24 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
                 tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
                 if main:  # also without MLflow (benchmarks/ddp.py reads it)
                     write_atomic(out / "train_metrics.json", json.dumps(figures, indent=1))
+            elif sft_done:
+                lm = model.load_adapter(base, str(sft_adapter), trainable=True)
             elif cfg.adapter:
-                lm = model.load_adapter(base, cfg.adapter)
+                lm = model.load_adapter(base, cfg.adapter, trainable=cfg.stages.rl)
             if not main:  # the other DDP ranks only train; rank 0 saves, generates and scores
                 return float("nan")
-            if cfg.stages.train:
-                try:
-                    lm.save_pretrained(out / "adapter")
-                    tokenizer.save_pretrained(out / "adapter")
-                except Exception as e:  # torch and safetensors raise their own types for ENOSPC
-                    if not resume.is_disk_full(e):
-                        raise
-                    raise resume.disk_full(out / "adapter", out) from e
+            if sft_now:
+                _save_adapter(lm, tokenizer, sft_adapter, out, whole=cfg.stages.rl)
+                if cfg.tracking.log_adapter and not cfg.stages.rl:
+                    tracking.log_artifact(sft_adapter)
+            if cfg.stages.rl:
+                figures = rl_stage(
+                    cfg, plan, lm, tokenizer, train_ex, encode, stop_id, out, rl_checkpoint
+                )
+                tracking.log_metrics({f"final_{k}": v for k, v in figures.items()})
+                rl.write_figures(out, figures)
+                tracking.log_artifact(out / rl.METRICS_FILE)
+                _save_adapter(lm, tokenizer, out / "adapter", out)
                 if cfg.tracking.log_adapter:
                     tracking.log_artifact(out / "adapter")
             # a 4-bit model decodes ~8x slower than a bf16 copy with the adapter merged in
@@ -197,11 +210,68 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
         if main:
             sweep.write_result(out, "PRUNED", None)
         return float("nan")
-    adapter = str((out / "adapter").resolve()) if cfg.stages.train else cfg.adapter
+    trained = cfg.stages.train or cfg.stages.rl
+    adapter = str((out / "adapter").resolve()) if trained else cfg.adapter
     sweep.write_result(
         out, "COMPLETE", objective, metrics=scores, adapter=adapter, row_scores=row_scores
     )
     return objective
+
+
+def rl_stage(cfg, plan, lm, tokenizer, train_ex, encode, stop_id, out, checkpoint) -> dict:
+    """stages.rl: TRL's GRPO/RLOO on the training split's generation prompts, rewarded by each
+    completion's ROUGE against the row's summary (the run's metric tokenizer)."""
+    prompts = [encode(ex, False) for ex in train_ex]
+    _log_truncation("rl", prompts)
+    stops = rl.Stops(
+        tuple(sorted({stop_id, tokenizer.eos_token_id})),
+        cfg.generate.stop_at_newline,
+        cfg.generate.stop_at_blank_line,
+    )
+    tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
+    reward = rl.rouge_reward(cfg.task, cfg.rl, tok, cfg.metric.keep_special_tokens, stops)
+    log.info(
+        "rl: %s on %d training prompts, %d completions each",
+        cfg.rl.algorithm,
+        len(prompts),
+        cfg.rl.num_generations,
+    )
+    return rl.fit(
+        cfg.rl,
+        lm,
+        tokenizer,
+        [p["input_ids"] for p in prompts],
+        [ex.summary for ex in train_ex],
+        reward,
+        stops,
+        out,
+        precision=plan.rl.precision,
+        optim=plan.rl.optim,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        callbacks=[callbacks.MlflowMetrics(rl.NAMES)],
+        resume_from=checkpoint,
+    )
+
+
+def _save_adapter(lm, tokenizer, path: Path, out: Path, whole: bool = False) -> None:
+    """The adapter (and tokenizer) into `path`. `whole`: written beside it, then moved in, so that
+    the folder is there only complete (train.resume reads adapter_sft as "SFT is done")."""
+    import shutil
+
+    target = path.with_name(path.name + ".partial") if whole else path
+    if whole:
+        shutil.rmtree(target, ignore_errors=True)  # an attempt cut off mid-save
+    try:
+        lm.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    except Exception as e:  # torch and safetensors raise their own types for ENOSPC
+        if not resume.is_disk_full(e):
+            raise
+        raise resume.disk_full(target, out) from e
+    if whole:
+        if path.exists():
+            shutil.rmtree(path)
+        target.rename(path)
 
 
 def _log_pruned(report: callbacks.ReportToTrial | None) -> None:

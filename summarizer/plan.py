@@ -12,9 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from summarizer import distributed, metrics, model
+from summarizer import data, distributed, metrics, model
+from summarizer.config import RL_ALGORITHMS
 from summarizer.errors import UserError
-from summarizer.speed.switches import GeneratePlan, TrainPlan, generate_plan, train_plan
+from summarizer.speed.switches import (
+    GeneratePlan,
+    TrainPlan,
+    generate_plan,
+    precision,
+    train_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,13 @@ class Plan:
     world_size: int  # processes training this run (distributed=ddp: one per GPU)
     train: TrainPlan | None  # None: stages.train=false
     generate: GeneratePlan
+    rl: RLPlan | None = None  # None: stages.rl=false
+
+
+@dataclass(frozen=True)
+class RLPlan:
+    precision: str  # fp32 | bf16 | fp16: train.precision resolved, as for SFT
+    optim: str  # the HF optimizer name (train.optim=auto: adamw_torch; RL steps are few)
 
 
 def make(cfg, world_size: int | None = None) -> Plan:
@@ -40,15 +54,83 @@ def make(cfg, world_size: int | None = None) -> Plan:
     model.check_max_length(cfg.train.max_length, limit, cfg.model.name)
     if cfg.stages.predict_test and not cfg.data.test_path:
         raise UserError("stages.predict_test=true needs data.test_path")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = world_size or distributed.world_size()
+    rl = None
+    if cfg.stages.rl:
+        check_rl(cfg, world)
+        optim = cfg.train.optim if cfg.train.optim != "auto" else "adamw_torch"
+        rl = RLPlan(precision=precision(cfg.train), optim=optim)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attention = cfg.model.attn_implementation or "sdpa"  # what transformers loads by default
     return Plan(
         device=device.type,
         world_size=world,
         train=train_plan(cfg.train, world) if cfg.stages.train else None,
         generate=generate_plan(cfg.generate, cfg.quant, device, attention),
+        rl=rl,
     )
+
+
+def check_rl(cfg, world_size: int) -> None:
+    """stages.rl: the settings TRL would refuse after SFT, and a reward that has its references."""
+    rl = cfg.rl
+    if rl.algorithm not in RL_ALGORITHMS:
+        raise UserError(f"rl.algorithm={rl.algorithm!r}: expected {' or '.join(RL_ALGORITHMS)}")
+    if not cfg.stages.train and not cfg.adapter:
+        raise UserError(
+            "stages.rl=true with stages.train=false needs adapter=<a trained adapter folder> "
+            "(RL continues a LoRA adapter; or set stages.train=true)"
+        )
+    if world_size > 1:
+        raise UserError(
+            f"stages.rl=true runs in one process; distributed.nproc={world_size}: use "
+            "distributed=single"
+        )
+    if rl.num_generations < 2:
+        raise UserError(
+            f"rl.num_generations={rl.num_generations}: expected >= 2 (the advantage compares a "
+            "prompt's completions with each other)"
+        )
+    for key in ("batch_size", "grad_accum", "max_new_tokens", "logging_steps", "save_steps"):
+        if getattr(rl, key) < 1:
+            raise UserError(f"rl.{key}={getattr(rl, key)}: expected a number >= 1")
+    if rl.max_steps == 0 or rl.max_steps < -1:
+        raise UserError(f"rl.max_steps={rl.max_steps}: expected -1 (rl.epochs) or >= 1")
+    if rl.max_steps == -1 and rl.epochs <= 0:
+        raise UserError(f"rl.epochs={rl.epochs}: expected > 0 (or rl.max_steps >= 1)")
+    for key, ok, expected in (
+        ("lr", rl.lr > 0, "> 0"),
+        ("temperature", rl.temperature > 0, "> 0"),
+        ("top_p", 0 < rl.top_p <= 1, "in (0, 1]"),
+        ("beta", rl.beta >= 0, ">= 0 (0: no KL term)"),
+    ):
+        if not ok:
+            raise UserError(f"rl.{key}={getattr(rl, key)}: expected {expected}")
+    generation = rl.batch_size * world_size * rl.grad_accum
+    if generation % rl.num_generations:
+        raise UserError(
+            f"rl.batch_size={rl.batch_size} x {world_size} process(es) x rl.grad_accum="
+            f"{rl.grad_accum} = {generation} completions per generation round must be divisible by "
+            f"rl.num_generations={rl.num_generations} (TRL samples whole groups)"
+        )
+    keys = [key for name in cfg.task.metrics for key in metrics.METRICS[name]]
+    score = rl.reward.score or cfg.task.objective
+    if score not in keys:
+        raise UserError(
+            f"rl.reward.score={score!r} is not a score of task.metrics={list(cfg.task.metrics)} "
+            f"(they give {', '.join(keys)})"
+        )
+    if rl.reward.length_weight < 0 or rl.reward.length_target <= 0:
+        raise UserError(
+            f"rl.reward.length_weight={rl.reward.length_weight}, rl.reward.length_target="
+            f"{rl.reward.length_target}: expected a weight >= 0 and a target ratio > 0"
+        )
+    columns = set().union(*(r.keys() for r in data.read_records(cfg.data.path)))
+    if cfg.data.summary_column not in columns:
+        raise UserError(
+            f"stages.rl=true: {cfg.data.path} has no '{cfg.data.summary_column}' column "
+            "(data.summary_column): the ROUGE reward needs each training row's reference"
+        )
 
 
 def check_generate(cfg) -> None:

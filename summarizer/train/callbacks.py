@@ -125,7 +125,8 @@ class ReportToTrial(TrainerCallback):
 
 
 class MlflowMetrics(TrainerCallback):
-    """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step."""
+    """Trainer logs (loss, eval_loss, learning rate, grad norm) -> MLflow metrics by step; `names`
+    maps other log keys (the RL stage's: reward, reward_std, kl ... -> rl_*)."""
 
     NAMES = {
         "loss": "train_loss",
@@ -134,7 +135,12 @@ class MlflowMetrics(TrainerCallback):
         "grad_norm": "grad_norm",
     }
 
+    def __init__(self, names: dict[str, str] | None = None):
+        self.names = names or self.NAMES
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        metrics = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
+        metrics = {
+            self.names[k]: v for k, v in (logs or {}).items() if k in self.names and v is not None
+        }
         if metrics:
             tracking.log_metrics(metrics, step=state.global_step)

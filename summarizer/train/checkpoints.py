@@ -123,7 +123,7 @@ def verify_checkpoint(path: str | Path, key: str) -> None:
         raise UserError(f"{key}: checkpoint {path} is corrupt: {problem}; use an earlier one")
 
 
-def last_good_checkpoint(folder: Path) -> Path:
+def last_good_checkpoint(folder: Path, save_key: str = "train.save_steps") -> Path:
     """For train.resume: the newest checkpoint-N under `folder`. One whose saving was cut off (a kill
     mid-save: no trainer_state.json) is passed over for the one before; a damaged one is an error."""
     found = sorted(
@@ -145,7 +145,7 @@ def last_good_checkpoint(folder: Path) -> Path:
         )
     raise UserError(
         f"train.resume=true: no complete checkpoint-N in {folder} (the run stopped before its first "
-        "save, see train.save_steps): start it again as a new run (without train.resume)"
+        f"save, see {save_key}): start it again as a new run (without train.resume)"
     )
 
 

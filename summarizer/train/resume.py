@@ -36,10 +36,16 @@ MAY_DIFFER = (
 )
 
 
+SFT_ADAPTER = "adapter_sft"  # stages.rl: the SFT adapter, saved (whole) before the RL stage starts
+RL_CHECKPOINTS = "rl_checkpoints"
+
+
 @dataclass(frozen=True)
 class Resume:
-    checkpoint: Path
+    checkpoint: Path | None  # SFT's; None: SFT is not rerun (finished, or stages.train=false)
     mlflow_run_id: str | None
+    rl_checkpoint: Path | None = None  # the RL stage's, when it had saved one
+    sft_done: bool = False  # stages.rl: the SFT adapter is saved: load it, do not train again
 
 
 def prepare(cfg: DictConfig, out: Path) -> Resume | None:
@@ -72,18 +78,30 @@ def prepare(cfg: DictConfig, out: Path) -> Resume | None:
             f"with the same overrides, or start a new run from its checkpoints: "
             f"train.resume_from={out / 'checkpoints'}"
         )
-    checkpoint = last_good_checkpoint(out / "checkpoints")
+    rl = cfg.stages.rl
+    sft_done = rl and cfg.stages.train and (out / SFT_ADAPTER / "adapter_config.json").is_file()
+    checkpoint = None
+    if cfg.stages.train and not sft_done:
+        checkpoint = last_good_checkpoint(out / "checkpoints")
+    rl_checkpoint = None
+    rl_saved = any((out / RL_CHECKPOINTS).glob("checkpoint-*"))
+    if rl and (rl_saved or not (sft_done or checkpoint)):  # nothing else to continue from
+        rl_checkpoint = last_good_checkpoint(out / RL_CHECKPOINTS, "rl.save_steps")
     run_id = (out / RUN_ID).read_text("utf-8").strip() if (out / RUN_ID).is_file() else None
     if cfg.tracking.enabled and not run_id:
         log.warning("%s has no %s: the resumed run gets a new MLflow run", out, RUN_ID)
-    log.info("resuming the run in %s from %s", out, checkpoint.name)
-    return Resume(checkpoint, run_id or None)
+    if sft_done:
+        log.info("resuming the run in %s: SFT is done (%s)", out, SFT_ADAPTER)
+    where = rl_checkpoint or checkpoint
+    if where:
+        log.info("resuming the run in %s from %s", out, where.relative_to(out))
+    return Resume(checkpoint, run_id or None, rl_checkpoint, sft_done)
 
 
 # What a run produces once it got going: any of these makes its folder worth protecting.
 PRODUCTS = (
     RUN_ID, "result.json", "checkpoints", "adapter", "predictions.csv", "submission.csv", "ddp",
-    "augmentation_sample.csv",
+    "augmentation_sample.csv", SFT_ADAPTER, RL_CHECKPOINTS,
 )  # fmt: skip
 
 

@@ -111,6 +111,19 @@ def test_trainer_still_has_the_hooks_we_override():
         assert names[: len(params)] == list(params), (name, names)
 
 
+@pytest.mark.parametrize("name", ["GRPOTrainer", "RLOOTrainer"])
+def test_rl_trainer_hooks_keep_their_signatures(name):
+    """The RL stage's overrides: TRL tokenizes prompts and generates through these two methods."""
+    import trl
+
+    trainer = getattr(trl, name)
+    for hook, params in compat.RL_TRAINER_HOOKS.items():
+        names = list(inspect.signature(getattr(trainer, hook)).parameters)[1:]
+        assert names[: len(params)] == list(params), (name, hook, names)
+    source = inspect.getsource(trainer._generate)
+    assert "self._tokenize_prompts(prompts)" in source and "self._generate_single_turn(" in source
+
+
 def test_use_one_gpu_sets_what_n_gpu_reads(tmp_path):
     from trl import SFTConfig
 
