@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from summarizer import compat
 from summarizer.config import TaskConfig
 from summarizer.errors import UserError
 from summarizer.lists import count_items, split_items
@@ -20,6 +21,7 @@ METRICS = {
     "rouge": (*ROUGE_TYPES, "rouge_sum", "final"),
     "subq_count": ("subq_count_acc", "subq_count_mae"),
 }
+LOWER_IS_BETTER = ("subq_count_mae",)  # every other score: higher is better
 TARGET_FORMATS = ("text", "numbered_list")
 _SPECIAL = re.compile(r"(#[A-Za-z]+\d*#)")  # #Person1#, #PhoneNumber#, #Address# ...
 
@@ -59,17 +61,25 @@ def resolve_tokenizer(name: str, language: str) -> str:
 
 
 @lru_cache(maxsize=4)
+def _tokenizer(tokenizer: str, keep_special_tokens: bool):
+    """The object ROUGE tokenizes with (anything with .tokenize(text) -> list[str])."""
+    if tokenizer == "mecab":
+        return MecabTokenizer(keep_special_tokens)
+    if tokenizer == "whitespace":
+        return WhitespaceTokenizer()
+    # rouge_score's own: lowercased [a-z0-9] words with Porter stemming (standard English ROUGE)
+    from rouge_score import tokenizers
+
+    return tokenizers.DefaultTokenizer(use_stemmer=True)
+
+
+@lru_cache(maxsize=4)
 def _scorer(tokenizer: str, keep_special_tokens: bool):
     from rouge_score import rouge_scorer
 
-    if tokenizer == "mecab":
-        return rouge_scorer.RougeScorer(
-            list(ROUGE_TYPES), tokenizer=MecabTokenizer(keep_special_tokens)
-        )
-    if tokenizer == "whitespace":
-        return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=WhitespaceTokenizer())
-    # rouge_score's own: lowercased [a-z0-9] words with Porter stemming (standard English ROUGE)
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return rouge_scorer.RougeScorer(
+        list(ROUGE_TYPES), tokenizer=_tokenizer(tokenizer, keep_special_tokens)
+    )
 
 
 def rouge_rows(
@@ -172,6 +182,47 @@ def score(
     if not predictions:
         raise ValueError("no predictions to score")
     return mean_rows(score_rows(cfg, predictions, references, tokenizer, keep_special_tokens))
+
+
+def pairwise(
+    cfg: TaskConfig,
+    texts: list[str],
+    key: str,
+    tokenizer: str = "mecab",
+    keep_special_tokens: bool = True,
+) -> list[list[float]]:
+    """Score `key` (one of task.metrics' scores) of every text against every other, as
+    score_rows would give it with text i as prediction and text j as reference: matrix[i][j].
+    Each text is tokenized once (MBR compares N candidates in N x N pairs); the pairs go through
+    rouge_score's own n-gram and LCS scoring. Every score here is symmetric (F1, count
+    difference), so each pair is scored once."""
+    as_items = cfg.target_format == "numbered_list"
+    n = len(texts)
+    if key in METRICS["rouge"]:
+        tok = _tokenizer(tokenizer, keep_special_tokens)
+        tokens = [tok.tokenize(t) for t in (_items(texts) if as_items else texts)]
+
+        def one(i: int, j: int) -> float:
+            f1 = compat.rouge_f1(tokens[j], tokens[i])
+            row = {k: 100 * f1[k] for k in ROUGE_TYPES}
+            row["rouge_sum"] = sum(row[k] for k in ROUGE_TYPES)
+            row["final"] = row["rouge_sum"] / 3
+            return row[key]
+
+    elif key in METRICS["subq_count"]:
+        counts = [count_items(t) for t in texts]
+
+        def one(i: int, j: int) -> float:
+            d = abs(counts[i] - counts[j])
+            return float(d == 0) if key == "subq_count_acc" else float(d)
+
+    else:
+        raise ValueError(f"{key!r} is not a score of {', '.join(METRICS)}")
+    matrix = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            matrix[i][j] = matrix[j][i] = one(i, j)
+    return matrix
 
 
 def subq_count(predictions: list[str], references: list[str]) -> dict[str, float]:
