@@ -216,12 +216,12 @@ def _decode(
 
     # Prefill: cache positions 0..width-1. A pad query sees itself only (an all-masked row would
     # give NaNs that the next layer's keys would carry).
-    valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    valid = torch.zeros(prompts, length, dtype=torch.bool, device=device)
     valid[:, :width] = attention_mask.bool()
     index = torch.arange(width, device=device)
     causal = (index[None, :] <= index[:, None])[None] & valid[:, None, :width]
     causal |= torch.eye(width, dtype=torch.bool, device=device)[None]
-    allowed = torch.zeros(batch, width, length, dtype=torch.bool, device=device)
+    allowed = torch.zeros(prompts, width, length, dtype=torch.bool, device=device)
     allowed[:, :, :width] = causal
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
