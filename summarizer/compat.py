@@ -158,23 +158,6 @@ def study_id(study) -> int:
     return study._study_id
 
 
-def rouge_f1(target_tokens: list[str], prediction_tokens: list[str]) -> dict[str, float]:
-    """rouge1 / rouge2 / rougeL F1 (0-1) of tokenized texts: RougeScorer.score's arithmetic
-    without its tokenizing (it tokenizes both texts on every call; MBR scores each text against
-    many others). rouge_score has no public API for tokens."""
-    from rouge_score import rouge_scorer as rs
-
-    return {
-        "rouge1": rs._score_ngrams(
-            rs._create_ngrams(target_tokens, 1), rs._create_ngrams(prediction_tokens, 1)
-        ).fmeasure,
-        "rouge2": rs._score_ngrams(
-            rs._create_ngrams(target_tokens, 2), rs._create_ngrams(prediction_tokens, 2)
-        ).fmeasure,
-        "rougeL": rs._score_lcs(target_tokens, prediction_tokens).fmeasure,
-    }
-
-
 def trial_id(trial) -> int:
     """The storage's id of a Trial or FrozenTrial (its `number` counts within the study only)."""
     return trial._trial_id

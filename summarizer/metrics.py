@@ -8,9 +8,9 @@ tags, so by default such tags are kept whole (the honest variant). Scores are F1
 from __future__ import annotations
 
 import re
+from collections import Counter
 from functools import lru_cache
 
-from summarizer import compat
 from summarizer.config import TaskConfig
 from summarizer.errors import UserError
 from summarizer.lists import count_items, split_items
@@ -192,19 +192,32 @@ def pairwise(
     keep_special_tokens: bool = True,
 ) -> list[list[float]]:
     """Score `key` (one of task.metrics' scores) of every text against every other, as
-    score_rows would give it with text i as prediction and text j as reference: matrix[i][j].
-    Each text is tokenized once (MBR compares N candidates in N x N pairs); the pairs go through
-    rouge_score's own n-gram and LCS scoring. Every score here is symmetric (F1, count
-    difference), so each pair is scored once."""
-    as_items = cfg.target_format == "numbered_list"
+    score_rows gives it with text i as prediction and text j as reference: matrix[i][j].
+    For MBR's N x N pairs each text is tokenized and counted once, and the LCS runs bit-parallel
+    (rouge_score tokenizes both texts per call and fills an LCS table in Python: ~4x slower);
+    the arithmetic is rouge_score's own (tests check the numbers are equal). Every score here
+    is symmetric (F1, a count difference), so each pair is scored once."""
     n = len(texts)
     if key in METRICS["rouge"]:
+        from rouge_score.scoring import fmeasure
+
         tok = _tokenizer(tokenizer, keep_special_tokens)
+        as_items = cfg.target_format == "numbered_list"
         tokens = [tok.tokenize(t) for t in (_items(texts) if as_items else texts)]
+        grams = [(Counter(_ngrams(t, 1)), Counter(_ngrams(t, 2))) for t in tokens]
+        masks = [_lcs_masks(t) for t in tokens]
+
+        def f1(overlap: int, pred: int, ref: int) -> float:
+            return 100 * fmeasure(overlap / max(pred, 1), overlap / max(ref, 1))
 
         def one(i: int, j: int) -> float:
-            f1 = compat.rouge_f1(tokens[j], tokens[i])
-            row = {k: 100 * f1[k] for k in ROUGE_TYPES}
+            row = {}
+            for name, (a, b) in zip(("rouge1", "rouge2"), zip(grams[i], grams[j])):
+                overlap = sum(min(count, a[g]) for g, count in b.items())
+                row[name] = f1(overlap, sum(a.values()), sum(b.values()))
+            pred, ref = tokens[i], tokens[j]
+            lcs = _lcs_length(masks[j], len(ref), pred) if pred and ref else 0
+            row["rougeL"] = f1(lcs, len(pred), len(ref)) if pred and ref else 0.0
             row["rouge_sum"] = sum(row[k] for k in ROUGE_TYPES)
             row["final"] = row["rouge_sum"] / 3
             return row[key]
@@ -223,6 +236,30 @@ def pairwise(
         for j in range(i, n):
             matrix[i][j] = matrix[j][i] = one(i, j)
     return matrix
+
+
+def _ngrams(tokens: list[str], n: int):
+    return (tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _lcs_masks(tokens: list[str]) -> dict[str, int]:
+    """Per token: the bit set of the positions where it occurs."""
+    masks: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        masks[t] = masks.get(t, 0) | (1 << i)
+    return masks
+
+
+def _lcs_length(masks: dict[str, int], n: int, other: list[str]) -> int:
+    """Length of the longest common subsequence of a sequence of n tokens (its `_lcs_masks`) and
+    `other`: the bit-parallel recurrence of Allison and Dix (1986), one big-int step per token of
+    `other`; the zero bits of v among the low n count the LCS."""
+    full = (1 << n) - 1
+    v = full
+    for t in other:
+        u = v & masks.get(t, 0)
+        v = ((v + u) | (v - u)) & full
+    return n - v.bit_count()
 
 
 def subq_count(predictions: list[str], references: list[str]) -> dict[str, float]:

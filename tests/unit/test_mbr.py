@@ -4,6 +4,7 @@ summaries() on both decoding paths, and the strategy rules in preflight."""
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import pytest
@@ -109,14 +110,17 @@ def test_an_objective_where_lower_is_better_is_minimised():
     assert _selector(task)([five, three, two, three]) == 1  # the middle count, not the farthest
 
 
-def test_rouge_f1_wrapper_matches_the_scorer():
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    a, b = "the quick brown fox jumps", "a quick brown dog jumps high"
-    ours = compat.rouge_f1(a.split(), b.split())
-    theirs = scorer.score(a, b)
-    assert ours == {k: theirs[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
+def test_pairwise_rouge_equals_rouge_score_on_random_sequences():
+    """Repeats, shared runs and empty texts: the counted n-grams and the bit-parallel LCS give
+    rouge_score's numbers."""
+    gen = random.Random(0)
+    texts = [" ".join(gen.choices("abcde", k=gen.randint(0, 70))) for _ in range(12)]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        matrix = metrics.pairwise(TASK, texts, key, "whitespace")
+        for i, pred in enumerate(texts):
+            refs = texts
+            rows = metrics.score_rows(TASK, [pred] * len(refs), refs, "whitespace")
+            assert matrix[i] == [r[key] for r in rows], key
 
 
 @pytest.mark.parametrize(
@@ -346,3 +350,27 @@ def test_a_sweep_over_strategies_composes_each_choice():
                 [f"generate.strategy={s}", f"generate.mbr.candidates={n}", "output_dir=/x"]
             )
             assert preflight.make(cfg).generate.strategy == s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_cuda_graph_sampling_draws_what_the_eager_step_draws(name, caplog):
+    """On CUDA the sampled step is captured and replayed, its exponential draws filled outside
+    the graph: the same candidates as the step run eagerly, rows leaving the batch included."""
+    import logging
+
+    model = _model(name, "cuda")
+    ids, mask = _batch("cuda", pads=(0, 3, 7, 1))
+    sampling = Sampling(4, temperature=1.5, top_p=0.9, epsilon=0.02, greedy_first=True, seed=5)
+    free = _sample(model, ids, mask, sampling, new=24)
+    eos = sorted({int(t) for t in free[:10, 2]})  # most rows stop early: the batch shrinks
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        graph = sample_static(model, ids, mask, 24, eos, PAD, sampling, cuda_graph=True,
+                              check_every=4)  # fmt: skip
+        eager = sample_static(model, ids, mask, 24, eos, PAD, sampling, cuda_graph=False,
+                              check_every=4)  # fmt: skip
+        greedy = greedy_static(model, ids, mask, 24, eos, PAD, cuda_graph=True, check_every=4)
+    assert "no CUDA graph" not in caplog.text
+    assert torch.equal(graph, eager)
+    assert torch.equal(graph[::4], greedy)
+    assert len({tuple(r) for r in graph.tolist()}) > 8
