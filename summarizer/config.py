@@ -297,13 +297,31 @@ class DistributedConfig:
 
 
 @dataclass
-class GenerateConfig:
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    num_beams: int = 1
-    do_sample: bool = False
+class MbrConfig:
+    """Minimum Bayes risk decoding (generate.strategy=mbr): sample `candidates` summaries per
+    dialogue and keep the one with the highest mean task.objective against the others."""
+
+    candidates: int = 8  # sampled summaries per dialogue (>= 2)
+    include_greedy: bool = True  # the greedy summary joins them as one more candidate
+    # Epsilon sampling (tokens below probability epsilon dropped) at temperature 1: the setting
+    # Freitag et al. 2023 found best for MBR; top_p < 1 adds nucleus filtering before it.
     temperature: float = 1.0
     top_p: float = 1.0
+    epsilon: float = 0.02  # 0: off
+
+
+@dataclass
+class GenerateConfig:
+    batch_size: int = 8  # dialogues per batch (mbr decodes each one's candidates together)
+    max_new_tokens: int = 128
+    # auto | greedy | beam | sample | mbr (docs/decoding.md). auto: beam search when num_beams > 1,
+    # sampling when do_sample=true, else greedy; a named strategy rejects contradicting keys.
+    strategy: str = "auto"
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0  # strategy=sample (mbr has its own: generate.mbr.*)
+    top_p: float = 1.0
+    seed: int = 0  # the random draws of strategy=sample and mbr
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     stop_at_newline: bool = True  # summaries are one line: stop at a newline after some text
@@ -311,9 +329,11 @@ class GenerateConfig:
     # auto: on a GPU, a 4/8-bit base generates through a bf16 copy with the adapter merged in
     # (~8x the new tokens/s of the quantized PeftModel, measured); true | false
     merge: str = "auto"
-    # auto: greedy decoding on a GPU runs `speed.static_decode.greedy_static` (static KV cache, one step
-    # replayed as a CUDA graph; same tokens as `generate`, several times faster); true | false
+    # auto: greedy decoding and MBR's sampling on a GPU run `speed.static_decode` (static KV cache,
+    # one step replayed as a CUDA graph; greedy gives the same tokens as `generate`, several times
+    # faster); true | false
     static_decode: str = "auto"
+    mbr: MbrConfig = field(default_factory=MbrConfig)
 
 
 @dataclass

@@ -1,9 +1,15 @@
-"""Batched summary generation: left padding, length-sorted batches, stop at the end of the summary."""
+"""Batched summary generation: left padding, length-sorted batches, stop at the end of the summary.
+
+generate.strategy picks the search (docs/decoding.md): greedy, beam, sample, or mbr, which samples
+candidates per dialogue and keeps the one a `select` function (the pipeline's: summarizer.mbr)
+picks, so that this module knows nothing of metrics.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -11,7 +17,15 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from summarizer import compat
 from summarizer.config import GenerateConfig
-from summarizer.speed.static_decode import NEWLINE, NL_AFTER_TEXT, TEXT, _token_kinds, greedy_static
+from summarizer.speed.static_decode import (
+    NEWLINE,
+    NL_AFTER_TEXT,
+    TEXT,
+    Sampling,
+    _token_kinds,
+    greedy_static,
+    sample_static,
+)
 from summarizer.speed.switches import GeneratePlan, generate_plan
 
 log = logging.getLogger(__name__)
@@ -78,9 +92,11 @@ def summaries(
     prompts: list[list[int]],
     stop_token_ids: list[int],
     plan: GeneratePlan | None = None,
+    select: Callable[[list[str]], int] | None = None,
 ) -> list[str]:
     """Generate one summary per tokenized prompt, returned in the input order. `plan`: the run's
-    resolved switches (None: resolved here for this model, for a caller outside the pipeline)."""
+    resolved switches (None: resolved here for this model, for a caller outside the pipeline).
+    `select`: strategy=mbr's choice among one prompt's candidate summaries (their index)."""
     if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
         raise ValueError("generate.batch_size and generate.max_new_tokens must be >= 1")
     model.eval()
@@ -91,10 +107,17 @@ def summaries(
     pad = tokenizer.pad_token_id
     if plan is None:
         plan = generate_plan(cfg, None, device, compat.attention_implementation(model))
+    mbr = plan.strategy == "mbr"
+    if mbr and select is None:
+        raise ValueError("generate.strategy=mbr needs a select function (summarizer.mbr)")
+    per = cfg.mbr.candidates + cfg.mbr.include_greedy if mbr else 1  # texts per prompt
     static = plan.static
     # the newline rule's table of token kinds, on the device once for every batch
     kinds = _token_kinds(tokenizer).to(device) if static and cfg.stop_at_newline else None
-    for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", unit="batch"):
+    distinct = 0  # MBR: different candidates, summed over prompts
+    for batch, start in enumerate(
+        tqdm(range(0, len(order), cfg.batch_size), desc="generate", unit="batch")
+    ):
         idx = order[start : start + cfg.batch_size]
         width = max(len(prompts[i]) for i in idx)
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -103,40 +126,95 @@ def summaries(
             input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
+        seed = cfg.seed + batch  # each batch its own draws, the same ones on every run
         with torch.inference_mode():
-            if static:
+            if static and mbr:
+                sampling = Sampling(
+                    repeat=per,
+                    temperature=cfg.mbr.temperature,
+                    top_p=cfg.mbr.top_p,
+                    epsilon=cfg.mbr.epsilon,
+                    greedy_first=cfg.mbr.include_greedy,
+                    seed=seed,
+                )
+                new = sample_static(
+                    model, input_ids, mask, cfg.max_new_tokens, stop_token_ids, pad, sampling, kinds
+                )
+            elif static:
                 new = greedy_static(
                     model, input_ids, mask, cfg.max_new_tokens, stop_token_ids, pad, kinds
                 )
             else:
-                new = _generate(cfg, model, tokenizer, input_ids, mask, stop_token_ids)
+                new = _generate_strategy(
+                    cfg, plan.strategy, model, tokenizer, input_ids, mask, stop_token_ids, seed
+                )
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = [clean(t, cfg.stop_at_newline, cfg.stop_at_blank_line) for t in texts]
         for row, i in enumerate(idx):
-            out[i] = clean(texts[row], cfg.stop_at_newline, cfg.stop_at_blank_line)
+            candidates = texts[row * per : (row + 1) * per]
+            out[i] = candidates[select(candidates)] if mbr else candidates[0]
+            distinct += len(set(candidates))
+    if mbr and prompts:
+        log.info("mbr: %.1f distinct of %d candidates per dialogue", distinct / len(prompts), per)
     return out
 
 
-def _generate(
-    cfg: GenerateConfig, model, tokenizer, input_ids, mask, stop_token_ids
+def _generate_strategy(
+    cfg: GenerateConfig, strategy: str, model, tokenizer, input_ids, mask, stop_token_ids, seed
 ) -> torch.Tensor:
-    """`generate` with the configured search and stop rules; returns the new tokens."""
+    """The new tokens of `generate` for the strategy; under mbr, prompt i's candidates are rows
+    i * per ... i * per + per - 1 (the greedy one first), as `sample_static` orders them."""
+    greedy = {"num_beams": 1, "do_sample": False}
+    if strategy == "greedy":
+        return _generate(cfg, model, tokenizer, input_ids, mask, stop_token_ids, greedy)
+    if strategy == "beam":
+        search = {"num_beams": cfg.num_beams, "do_sample": cfg.do_sample}
+        if cfg.do_sample:  # beam sampling (generate.strategy=auto with both keys)
+            search.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    elif strategy == "sample":
+        search = {"num_beams": 1, "do_sample": True, "temperature": cfg.temperature}
+        search["top_p"] = cfg.top_p
+    else:
+        m = cfg.mbr
+        search = {"num_beams": 1, "do_sample": True, "temperature": m.temperature, "top_p": m.top_p}
+        search.update(epsilon_cutoff=m.epsilon or None, num_return_sequences=m.candidates)
+    # generate draws from torch's global generator: seeded here, and left as it was after
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        new = _generate(cfg, model, tokenizer, input_ids, mask, stop_token_ids, search)
+    if strategy != "mbr" or not cfg.mbr.include_greedy:
+        return new
+    first = _generate(cfg, model, tokenizer, input_ids, mask, stop_token_ids, greedy)
+    n = cfg.mbr.candidates
+    width = max(first.shape[1], new.shape[1])  # generate stops when its batch is done
+    pad = tokenizer.pad_token_id
+    first = torch.nn.functional.pad(first, (0, width - first.shape[1]), value=pad)
+    new = torch.nn.functional.pad(new, (0, width - new.shape[1]), value=pad)
+    rows = [t for i in range(len(first)) for t in (first[i : i + 1], new[i * n : (i + 1) * n])]
+    return torch.cat(rows)
+
+
+def _generate(
+    cfg: GenerateConfig, model, tokenizer, input_ids, mask, stop_token_ids, search: dict
+) -> torch.Tensor:
+    """`generate` with the given search settings and the configured penalties and stop rules;
+    returns the new tokens."""
     width = input_ids.shape[1]
     stopping = StoppingCriteriaList([NewlineAfterText(tokenizer)] if cfg.stop_at_newline else [])
     if cfg.stop_at_blank_line and not cfg.stop_at_newline:
         stopping.append(BlankLineAfterText(tokenizer, width))
+    search = {"temperature": None, "top_p": None, **search}  # not the model's sampling defaults
     generated = model.generate(
         input_ids=input_ids,
         attention_mask=mask,
         max_new_tokens=cfg.max_new_tokens,
-        num_beams=cfg.num_beams,
-        do_sample=cfg.do_sample,
-        temperature=cfg.temperature if cfg.do_sample else None,
-        top_p=cfg.top_p if cfg.do_sample else None,
         top_k=None,
         repetition_penalty=cfg.repetition_penalty,
         no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         eos_token_id=stop_token_ids,
         pad_token_id=tokenizer.pad_token_id,
         stopping_criteria=stopping,
+        **search,
     )
     return generated[:, width:]

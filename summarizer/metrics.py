@@ -8,6 +8,7 @@ tags, so by default such tags are kept whole (the honest variant). Scores are F1
 from __future__ import annotations
 
 import re
+from collections import Counter
 from functools import lru_cache
 
 from summarizer.config import TaskConfig
@@ -20,6 +21,7 @@ METRICS = {
     "rouge": (*ROUGE_TYPES, "rouge_sum", "final"),
     "subq_count": ("subq_count_acc", "subq_count_mae"),
 }
+LOWER_IS_BETTER = ("subq_count_mae",)  # every other score: higher is better
 TARGET_FORMATS = ("text", "numbered_list")
 _SPECIAL = re.compile(r"(#[A-Za-z]+\d*#)")  # #Person1#, #PhoneNumber#, #Address# ...
 
@@ -59,17 +61,25 @@ def resolve_tokenizer(name: str, language: str) -> str:
 
 
 @lru_cache(maxsize=4)
+def _tokenizer(tokenizer: str, keep_special_tokens: bool):
+    """The object ROUGE tokenizes with (anything with .tokenize(text) -> list[str])."""
+    if tokenizer == "mecab":
+        return MecabTokenizer(keep_special_tokens)
+    if tokenizer == "whitespace":
+        return WhitespaceTokenizer()
+    # rouge_score's own: lowercased [a-z0-9] words with Porter stemming (standard English ROUGE)
+    from rouge_score import tokenizers
+
+    return tokenizers.DefaultTokenizer(use_stemmer=True)
+
+
+@lru_cache(maxsize=4)
 def _scorer(tokenizer: str, keep_special_tokens: bool):
     from rouge_score import rouge_scorer
 
-    if tokenizer == "mecab":
-        return rouge_scorer.RougeScorer(
-            list(ROUGE_TYPES), tokenizer=MecabTokenizer(keep_special_tokens)
-        )
-    if tokenizer == "whitespace":
-        return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=WhitespaceTokenizer())
-    # rouge_score's own: lowercased [a-z0-9] words with Porter stemming (standard English ROUGE)
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return rouge_scorer.RougeScorer(
+        list(ROUGE_TYPES), tokenizer=_tokenizer(tokenizer, keep_special_tokens)
+    )
 
 
 @lru_cache(maxsize=4)
@@ -188,6 +198,84 @@ def score(
     if not predictions:
         raise ValueError("no predictions to score")
     return mean_rows(score_rows(cfg, predictions, references, tokenizer, keep_special_tokens))
+
+
+def pairwise(
+    cfg: TaskConfig,
+    texts: list[str],
+    key: str,
+    tokenizer: str = "mecab",
+    keep_special_tokens: bool = True,
+) -> list[list[float]]:
+    """Score `key` (one of task.metrics' scores) of every text against every other, as
+    score_rows gives it with text i as prediction and text j as reference: matrix[i][j].
+    For MBR's N x N pairs each text is tokenized and counted once, and the LCS runs bit-parallel
+    (rouge_score tokenizes both texts per call and fills an LCS table in Python: ~4x slower);
+    the arithmetic is rouge_score's own (tests check the numbers are equal). Every score here
+    is symmetric (F1, a count difference), so each pair is scored once."""
+    n = len(texts)
+    if key in METRICS["rouge"]:
+        from rouge_score.scoring import fmeasure
+
+        tok = _tokenizer(tokenizer, keep_special_tokens)
+        as_items = cfg.target_format == "numbered_list"
+        tokens = [tok.tokenize(t) for t in (_items(texts) if as_items else texts)]
+        grams = [(Counter(_ngrams(t, 1)), Counter(_ngrams(t, 2))) for t in tokens]
+        masks = [_lcs_masks(t) for t in tokens]
+
+        def f1(overlap: int, pred: int, ref: int) -> float:
+            return 100 * fmeasure(overlap / max(pred, 1), overlap / max(ref, 1))
+
+        def one(i: int, j: int) -> float:
+            row = {}
+            for name, (a, b) in zip(("rouge1", "rouge2"), zip(grams[i], grams[j])):
+                overlap = sum(min(count, a[g]) for g, count in b.items())
+                row[name] = f1(overlap, sum(a.values()), sum(b.values()))
+            pred, ref = tokens[i], tokens[j]
+            lcs = _lcs_length(masks[j], len(ref), pred) if pred and ref else 0
+            row["rougeL"] = f1(lcs, len(pred), len(ref)) if pred and ref else 0.0
+            row["rouge_sum"] = sum(row[k] for k in ROUGE_TYPES)
+            row["final"] = row["rouge_sum"] / 3
+            return row[key]
+
+    elif key in METRICS["subq_count"]:
+        counts = [count_items(t) for t in texts]
+
+        def one(i: int, j: int) -> float:
+            d = abs(counts[i] - counts[j])
+            return float(d == 0) if key == "subq_count_acc" else float(d)
+
+    else:
+        raise ValueError(f"{key!r} is not a score of {', '.join(METRICS)}")
+    matrix = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            matrix[i][j] = matrix[j][i] = one(i, j)
+    return matrix
+
+
+def _ngrams(tokens: list[str], n: int):
+    return (tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _lcs_masks(tokens: list[str]) -> dict[str, int]:
+    """Per token: the bit set of the positions where it occurs."""
+    masks: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        masks[t] = masks.get(t, 0) | (1 << i)
+    return masks
+
+
+def _lcs_length(masks: dict[str, int], n: int, other: list[str]) -> int:
+    """Length of the longest common subsequence of a sequence of n tokens (its `_lcs_masks`) and
+    `other`: the bit-parallel recurrence of Allison and Dix (1986), one big-int step per token of
+    `other`; the zero bits of v among the low n count the LCS."""
+    full = (1 << n) - 1
+    v = full
+    for t in other:
+        u = v & masks.get(t, 0)
+        v = ((v + u) | (v - u)) & full
+    return n - v.bit_count()
 
 
 def subq_count(predictions: list[str], references: list[str]) -> dict[str, float]:

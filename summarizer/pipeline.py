@@ -20,6 +20,7 @@ from summarizer import (
     data,
     distributed,
     generate,
+    mbr,
     metrics,
     model,
     prompt,
@@ -359,7 +360,10 @@ def summarize(cfg, lm, tokenizer, rows, encode, stop_id, plan=None) -> list[str]
     _log_truncation("generation", prompts)
     stops = sorted({stop_id, tokenizer.eos_token_id})
     ids = [p["input_ids"] for p in prompts]
-    return generate.summaries(cfg.generate, lm, tokenizer, ids, stops, plan)
+    # strategy=mbr keeps the candidate the run's own metric rates most central
+    tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
+    select = mbr.selector(cfg.task, tok, cfg.metric.keep_special_tokens)
+    return generate.summaries(cfg.generate, lm, tokenizer, ids, stops, plan, select)
 
 
 def _log_truncation(stage: str, rows: list[dict]) -> None:

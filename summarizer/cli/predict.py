@@ -5,9 +5,10 @@
 
 The run's saved config.yaml fixes the model, task, prompt and few-shot settings, so prompts are built
 exactly as in training (few-shot examples come from the run's training split, read from its data
-file and split.json) and generation keeps the task's max_new_tokens and stop rule. Input: CSV, JSON
-or JSONL with the run's id and input columns (a task=question_decomposition run: `id`, `question`),
-or one input on stdin (the output is printed). Output: `,fname,summary` like the competition's
+file and split.json) and generation keeps the task's max_new_tokens and stop rule, and the run's
+generate.strategy unless --strategy names another (`--strategy mbr`: MBR over sampled
+candidates). Input: CSV, JSON or JSONL with the run's id and input columns (a
+task=question_decomposition run: `id`, `question`), or one input on stdin (the output is printed). Output: `,fname,summary` like the competition's
 sample submission, written atomically; an existing file is never overwritten.
 """
 
@@ -112,12 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="generate.strategy: greedy | beam | sample | mbr (default: the run's)",
+    )
+    p.add_argument("--mbr-candidates", type=int, default=None, help="generate.mbr.candidates")
     args = p.parse_args(argv)
     overrides = {
         k: v
         for k, v in {
             "generate.batch_size": args.batch_size,
             "generate.max_new_tokens": args.max_new_tokens,
+            "generate.strategy": args.strategy,
+            "generate.mbr.candidates": args.mbr_candidates,
         }.items()
         if v is not None
     }

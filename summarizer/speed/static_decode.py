@@ -1,11 +1,12 @@
 """Greedy decoding with a static KV cache, one decode step replayed as a CUDA graph (~20x plain
-batched `generate` on a GPU), and the per-token table of the newline stop rule it shares with
-`generate`.
+batched `generate` on a GPU), its sampling sibling for MBR's candidates, and the per-token table
+of the newline stop rule it shares with `generate`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
@@ -42,6 +43,35 @@ def _token_kinds(tokenizer) -> torch.Tensor:
 STATIC_ATTENTION = ("sdpa", "eager")  # the attentions greedy_static builds masks for
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `sample_static` draws: each prompt `repeat` times, the first copy greedy when
+    `greedy_first`; the filters are transformers' (TemperatureLogitsWarper, TopPLogitsWarper,
+    EpsilonLogitsWarper, in generate's order)."""
+
+    repeat: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epsilon: float = 0.0
+    greedy_first: bool = False
+    seed: int = 0
+
+
+def filtered_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The next-token distribution after temperature, top-p and epsilon, in float32."""
+    scores = logits.float() / s.temperature
+    if s.top_p < 1:
+        ascending, order = torch.sort(scores, descending=False)
+        remove = ascending.softmax(-1).cumsum(-1) <= 1 - s.top_p
+        remove[..., -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    if s.epsilon > 0:
+        top = scores.max(-1, keepdim=True).values
+        remove = (scores.softmax(-1) < s.epsilon) & (scores < top)
+        scores = scores.masked_fill(remove, -float("inf"))
+    return scores.softmax(-1)
+
+
 def greedy_static(
     model,
     input_ids: torch.Tensor,
@@ -66,6 +96,48 @@ def greedy_static(
     Rows stop at a stop token or, with `kinds` (NewlineAfterText's table), at a newline after text;
     a stopped row gets pad tokens, as in `generate`. Returns the new tokens, [batch, max_new_tokens].
     """
+    return _decode(
+        model, input_ids, attention_mask, max_new_tokens, stop_token_ids, pad_token_id, kinds,
+        cuda_graph, check_every, None,
+    )  # fmt: skip
+
+
+def sample_static(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    sampling: Sampling,
+    kinds: torch.Tensor | None = None,
+    cuda_graph: bool | None = None,
+    check_every: int = 8,
+) -> torch.Tensor:
+    """`greedy_static`'s decoding with sampled tokens: each prompt's row is prefilled once and its
+    KV cache copied `sampling.repeat` times, so row i * repeat + k of the result is prompt i's
+    k-th candidate, [batch * repeat, max_new_tokens]. A token is the argmax of probs / E with
+    E ~ Exp(1) drawn per token (the exponential race: a draw from probs); E comes from a
+    torch.Generator seeded with `sampling.seed`, filled before each step outside the captured
+    graph (which then replays the same tensors), so a seed gives the same candidates."""
+    return _decode(
+        model, input_ids, attention_mask, max_new_tokens, stop_token_ids, pad_token_id, kinds,
+        cuda_graph, check_every, sampling,
+    )  # fmt: skip
+
+
+def _decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    kinds: torch.Tensor | None,
+    cuda_graph: bool | None,
+    check_every: int,
+    sampling: Sampling | None,
+) -> torch.Tensor:
     device = input_ids.device
     batch, width = input_ids.shape
     if cuda_graph is None:
@@ -108,9 +180,30 @@ def greedy_static(
     stop[torch.tensor(stop_token_ids, dtype=torch.long, device=device)] = True
     if kinds is not None:
         kinds = kinds.to(device)
+    prompts = batch
+    repeat = sampling.repeat if sampling else 1
+    batch = prompts * repeat
     seen_text = torch.zeros(batch, dtype=torch.bool, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    generator = noise = greedy = None
+    if sampling:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        # per row: keeps the argmax (the greedy candidate) instead of sampling
+        greedy = torch.zeros(batch, dtype=torch.bool, device=device)
+        if sampling.greedy_first:
+            greedy[::repeat] = True
+
+    def refill() -> None:
+        """Fresh exponential draws for the next token, outside any captured graph."""
+        if sampling:
+            noise.exponential_(generator=generator).clamp_(min=torch.finfo(noise.dtype).tiny)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        if sampling is None:
+            return logits.argmax(-1)
+        drawn = (filtered_probs(logits, sampling) / noise).argmax(-1)
+        return torch.where(greedy, logits.argmax(-1), drawn)
 
     def finish(token: torch.Tensor) -> None:
         """Mark the rows this new token ends (after it is written, as StoppingCriteria see it)."""
@@ -123,12 +216,12 @@ def greedy_static(
 
     # Prefill: cache positions 0..width-1. A pad query sees itself only (an all-masked row would
     # give NaNs that the next layer's keys would carry).
-    valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    valid = torch.zeros(prompts, length, dtype=torch.bool, device=device)
     valid[:, :width] = attention_mask.bool()
     index = torch.arange(width, device=device)
     causal = (index[None, :] <= index[:, None])[None] & valid[:, None, :width]
     causal |= torch.eye(width, dtype=torch.bool, device=device)[None]
-    allowed = torch.zeros(batch, width, length, dtype=torch.bool, device=device)
+    allowed = torch.zeros(prompts, width, length, dtype=torch.bool, device=device)
     allowed[:, :, :width] = causal
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
@@ -139,7 +232,17 @@ def greedy_static(
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]
-    token = logits.argmax(-1)
+    if repeat > 1:  # each prompt's prefilled cache and state, `repeat` times over
+        copies = torch.arange(prompts, device=device).repeat_interleave(repeat)
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, copies)
+            layer.values = layer.values.index_select(0, copies)
+            layer.batch_size = batch
+        logits, valid, positions = (t.index_select(0, copies) for t in (logits, valid, positions))
+    if sampling:
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=device)
+        refill()
+    token = choose(logits)
     out[:, 0] = token
     finish(token)
 
@@ -160,7 +263,7 @@ def greedy_static(
             past_key_values=cache,
             use_cache=True,
         ).logits[:, -1]
-        nxt = torch.where(done, pad_token_id, logits.argmax(-1))
+        nxt = torch.where(done, pad_token_id, choose(logits))
         # out[:, at - width + 1] = nxt, as a fixed-shape update
         out.copy_(torch.where(col[None, :] == at - width + 1, nxt[:, None], out))
         finish(nxt)
@@ -171,7 +274,7 @@ def greedy_static(
     def drop_finished() -> None:
         """Early exit of finished rows: their tokens go to `result`, the state (KV cache included)
         keeps the others, so later steps compute only rows still writing."""
-        nonlocal tok, pos, valid, done, seen_text, out, rows
+        nonlocal tok, pos, valid, done, seen_text, out, rows, noise, greedy
         keep = (~done).nonzero().squeeze(1)
         result[rows] = out
         for layer in cache.layers:
@@ -181,6 +284,8 @@ def greedy_static(
         tok, pos, valid, done, seen_text, out, rows = (
             t.index_select(0, keep) for t in (tok, pos, valid, done, seen_text, out, rows)
         )
+        if sampling:
+            noise, greedy = noise.index_select(0, keep), greedy.index_select(0, keep)
 
     def capture():
         """The step as a CUDA graph over the current state (after two real warm-up steps, as CUDA
@@ -191,6 +296,7 @@ def greedy_static(
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
+                refill()
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -219,6 +325,7 @@ def greedy_static(
             run, warm = capture()
             taken += warm
             continue
+        refill()
         run()
         taken += 1
     result[rows] = out

@@ -50,10 +50,14 @@ class TrainPlan:
     cuda_graph_required: bool  # train.cuda_graph=true: a step that cannot be captured is an error
 
 
+STRATEGIES = ("auto", "greedy", "beam", "sample", "mbr")
+
+
 @dataclass(frozen=True)
 class GeneratePlan:
     merged: bool  # generate with a merged bf16 copy of a quantized model (generate.merge)
-    static: bool  # greedy decoding with a static KV cache and CUDA graphs (generate.static_decode)
+    static: bool  # decoding with a static KV cache and CUDA graphs (generate.static_decode)
+    strategy: str = "greedy"  # greedy | beam | sample | mbr (generate.strategy=auto resolved)
 
 
 def precision(cfg: TrainConfig) -> str:
@@ -117,7 +121,60 @@ def generate_plan(
 ) -> GeneratePlan:
     """quant: the model's quantization (None: the model at hand is what generates)."""
     merged = use_merged(cfg, quant) if quant is not None else False
-    return GeneratePlan(merged=merged, static=use_static(cfg, device, attention))
+    return GeneratePlan(
+        merged=merged, static=use_static(cfg, device, attention), strategy=strategy(cfg)
+    )
+
+
+def strategy(cfg: GenerateConfig) -> str:
+    """generate.strategy with auto resolved, its settings checked. auto keeps the older keys'
+    meaning (num_beams > 1: beam search, do_sample=true: sampling, both: beam sampling); a named
+    strategy is what runs, and an older key set against it is an error naming both."""
+    choice = str(cfg.strategy).lower()
+    if choice not in STRATEGIES:
+        raise UserError(f"generate.strategy={cfg.strategy!r}: expected {', '.join(STRATEGIES)}")
+    if choice == "auto":
+        choice = "beam" if cfg.num_beams > 1 else "sample" if cfg.do_sample else "greedy"
+    elif choice == "beam" and cfg.num_beams < 2:
+        raise UserError(
+            f"generate.strategy=beam needs generate.num_beams >= 2 (it is {cfg.num_beams})"
+        )
+    elif choice != "beam" and cfg.num_beams > 1:
+        raise UserError(
+            f"generate.strategy={choice} with generate.num_beams={cfg.num_beams}: beams are "
+            "generate.strategy=beam (or auto); set generate.num_beams=1"
+        )
+    elif choice in ("greedy", "mbr") and cfg.do_sample:
+        raise UserError(
+            f"generate.strategy={choice} with generate.do_sample=true: sampling is "
+            "generate.strategy=sample (or auto); set generate.do_sample=false"
+        )
+    if choice == "sample" or (choice == "beam" and cfg.do_sample):
+        given = "generate.do_sample=true" if cfg.do_sample else "generate.strategy=sample"
+        _check_sampling("generate", cfg.temperature, cfg.top_p, given)
+    if choice == "mbr":
+        mbr = cfg.mbr
+        if mbr.candidates < 2:
+            raise UserError(
+                f"generate.mbr.candidates={mbr.candidates}: expected >= 2 (MBR compares "
+                "each sampled summary with the others)"
+            )
+        _check_sampling("generate.mbr", mbr.temperature, mbr.top_p, "generate.strategy=mbr")
+        if not 0 <= mbr.epsilon < 1:
+            raise UserError(
+                f"generate.mbr.epsilon={mbr.epsilon}: expected 0 <= epsilon < 1 (0: off)"
+            )
+    return choice
+
+
+def _check_sampling(prefix: str, temperature: float, top_p: float, given: str) -> None:
+    if temperature <= 0:
+        raise UserError(
+            f"{prefix}.temperature={temperature} with {given}: expected > 0 "
+            "(or generate.strategy=greedy for greedy decoding)"
+        )
+    if not 0 < top_p <= 1:
+        raise UserError(f"{prefix}.top_p={top_p} with {given}: expected 0 < top_p <= 1")
 
 
 def use_liger(cfg: TrainConfig) -> bool:
@@ -187,20 +244,19 @@ def use_merged(cfg: GenerateConfig, quant) -> bool:
 
 
 def use_static(cfg: GenerateConfig, device: torch.device, attention: str = "sdpa") -> bool:
-    """Whether to decode with `greedy_static` (see GenerateConfig.static_decode)."""
+    """Whether to decode with `speed.static_decode` (see GenerateConfig.static_decode)."""
     choice = setting(cfg.static_decode, "generate.static_decode")
     plain_greedy = (
-        cfg.num_beams == 1
-        and not cfg.do_sample
+        strategy(cfg) in ("greedy", "mbr")
         and cfg.repetition_penalty == 1.0
         and cfg.no_repeat_ngram_size == 0
         and (cfg.stop_at_newline or not cfg.stop_at_blank_line)
     )
     if choice == "true" and not plain_greedy:
         raise UserError(
-            "generate.static_decode=true does greedy decoding only: it needs num_beams=1, "
-            "do_sample=false, repetition_penalty=1.0, no_repeat_ngram_size=0 and no "
-            "stop_at_blank_line"
+            "generate.static_decode=true does greedy decoding only (and strategy=mbr's "
+            "sampling): it needs num_beams=1, do_sample=false, repetition_penalty=1.0, "
+            "no_repeat_ngram_size=0 and no stop_at_blank_line"
         )
     if choice == "true" and attention not in STATIC_ATTENTION:
         raise UserError(

@@ -189,3 +189,45 @@ def test_predict_cli_matches_the_pipeline_submission(trained):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert one.returncode == 0 and len(one.stdout.strip().splitlines()) <= 1
+
+
+def test_mbr_in_the_pipeline_and_in_predict(trained):
+    """generate.strategy=mbr end to end (the static sampler, run on CPU without a graph): the run
+    scores and submits, and predict with the run's config writes the same summaries (seeded)."""
+    adapter = trained / "train" / "adapter"
+    proc = run_cli(
+        trained,
+        "mbr",
+        *TINY,
+        "stages.train=false",
+        f"adapter={adapter}",
+        "generate.strategy=mbr",
+        "generate.mbr.candidates=3",
+        "generate.static_decode=true",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "candidates per dialogue" in proc.stdout + proc.stderr
+    run = next(r for r in runs(trained) if r.data.tags.get("output_dir", "").endswith("mbr"))
+    assert run.data.params["generate.strategy"] == "mbr"
+    assert run.data.metrics["generate_seconds_per_row"] > 0 and "rouge_sum" in run.data.metrics
+    preds = list(csv.DictReader(open(trained / "mbr" / "predictions.csv", encoding="utf-8")))
+    assert len(preds) == 10
+    out = trained / "mbr_predict.csv"
+    env = {**os.environ, "SUMMARIZER_CACHE": str(trained / "cache"), "HF_HUB_OFFLINE": "1"}
+    sample = ROOT / "data" / "samples" / "dialogsum_ko_test.csv"
+    cmd = [sys.executable, "-m", "summarizer.cli.predict", str(trained / "mbr")]
+    proc = subprocess.run(
+        [*cmd, "--adapter", str(adapter), "--input", str(sample), "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text(encoding="utf-8") == (trained / "mbr" / "submission.csv").read_text(
+        encoding="utf-8"
+    )
+    bad = subprocess.run(
+        [*cmd, "--adapter", str(adapter), "--input", str(sample), "--output", str(out) + "2",
+         "--mbr-candidates", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: generate.mbr.candidates=1")

@@ -101,6 +101,10 @@ REJECTED = {
     "generate.do_sample=true generate.temperature=0": (
         "generate.temperature=0.0 with generate.do_sample=true: expected > 0"
     ),
+    "generate.strategy=mbr generate.mbr.candidates=1": "generate.mbr.candidates=1: expected >= 2",
+    "generate.strategy=greedy generate.num_beams=4": (
+        "generate.strategy=greedy with generate.num_beams=4: beams are generate.strategy=beam"
+    ),
     "metric.tokenizer=bogus": "metric.tokenizer='bogus': expected auto, mecab, whitespace or",
     "train.eval_steps=0": "train.eval_steps=0: expected a step count >= 1",
     "train.scheduler=bogus": "train.scheduler='bogus': expected one of linear, cosine,",

@@ -189,6 +189,10 @@ KEYS = {
     "train.liger": WORDS, "train.cuda_graph": WORDS, "train.fused_lm_head": WORDS,
     "generate.static_decode": WORDS, "generate.merge": WORDS, "metric.tokenizer": WORDS,
     "data.language": WORDS, "train.eval_strategy": WORDS, "generate.do_sample": WORDS,
+    "generate.strategy": st.one_of(WORDS, st.sampled_from(["greedy", "beam", "sample", "mbr"])),
+    "generate.top_p": NUMBERS, "generate.mbr.candidates": NUMBERS,
+    "generate.mbr.temperature": NUMBERS, "generate.mbr.top_p": NUMBERS,
+    "generate.mbr.epsilon": NUMBERS,
 }  # fmt: skip
 
 

@@ -26,6 +26,7 @@ FLOORS = {
     "generate": 5,
     "speed": 4,  # switches, CUDA-graph steps, packing, lean LoRA, static decoding, merge
     "model": 3,
+    "mbr": 3,  # MBR's choice among sampled summaries (on metrics; generate takes it as a function)
     "prompt": 3,
     "data": 2,
     "metrics": 2,
