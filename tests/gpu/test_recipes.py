@@ -120,6 +120,9 @@ def test_captured_steps_give_the_eager_steps_losses_on_the_real_model(tmp_path, 
         del lm, base
         model_mod.free_memory()
     assert len(losses["true"]) == len(losses["false"]) == 6
-    assert losses["true"][-1] < losses["true"][0]  # it trains
+    assert losses["true"][-1] < 0.5 * losses["true"][0]  # it trains (3.1 -> 1.1 on an H200)
+    # bf16 steps at lr 1e-3 drift apart by reduction order alone: 0.6 % by step 6 with
+    # checkpointing (H200); stale weights or gradients in the graph would keep step 1's loss
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-3)
     for captured, eager in zip(losses["true"], losses["false"]):
-        assert captured == pytest.approx(eager, rel=5e-3)
+        assert captured == pytest.approx(eager, rel=1.5e-2)
