@@ -1003,10 +1003,8 @@ def table(r: dict) -> str:
     ]
     for k, v in r["train"].items():
         if "error" in v:
-            lines.append(
-                f"| {k} | {'not installed' if v.get('not_installed') else 'failed'}: "
-                f"{v['error'][:80]} |"
-            )
+            why = "not installed" if v.get("not_installed") else f"failed: {v['error'][:80]}"
+            lines.append(f"| {k} | {why} |")
             continue
         lines.append(
             f"| {k} | {spread(v, 'tokens_per_second')} | {spread(v, 'tokens_per_second_whole_run')} "
