@@ -1,36 +1,43 @@
-"""Training and generation speed: the project's GPU path against plain TRL + peft, in one run.
+"""Training and generation speed: the project's GPU path against its peers at their best, in one run.
 
     python benchmarks/bench.py --shape llama-1b          # on a GPU machine (make bench)
     python benchmarks/bench.py --shape tiny --cpu-smoke  # the same code on a tiny shape, on CPU
 
 For one model shape (random weights from its config, saved to a local folder and loaded through the
 project's normal loader, nf4 QLoRA, LoRA r16 on the seven projections) and the real token lengths
-of the Korean dev set (benchmarks/rows.py), it trains the same rows with:
+of the Korean dev set (benchmarks/rows.py), it trains the same rows (`--steps` batches of
+`--batch-size`, one pass) with each variant, `--repeats` times, each run in its own process:
 
-  a. trl_plain  TRL SFTTrainer + peft: batch 8, max length 1024, gradient checkpointing, bf16,
-                paged AdamW 32-bit, completion-only loss (the hand-written script users compare to)
-  b. trl_best   the same with TRL's own best options: packing_strategy="bfd" (padding-free) and
-                Liger kernels
-  c. ours       summarizer.train.fit as the GPU presets run it: examples packed into rows of
-                batch x max length tokens (ours_batch: the plain run's batches of 8, each packed;
-                ours_ckpt: with gradient checkpointing and the loss through TRL's chunked LM head,
-                for the memory they save; not run by default: ours_compile, with train.compile;
-                ours_fused, the chunked head without checkpointing; ours_lean / ours_ckpt_lean,
-                ours / ours_ckpt with train.lora_dropout_recompute; ours_eager: ours without
-                the CUDA graph), each step's forward + backward replayed as one CUDA graph
-                (summarizer/speed/graph_step.py), FlashAttention varlen kernel
-                (summarizer/speed/packing.py), the LM head only at supervised positions, no gradient
-                checkpointing, fused AdamW
+  peers (benchmarks/peers.py says how each is configured): trl_plain (the hand-written TRL + peft
+  script), trl_bfd_liger, trl_best / trl_best_nockpt (padding-free batches) and trl_best_bfd /
+  trl_best_bfd_nockpt (BFD-packed rows) with ours' varlen attention kernel, fused AdamW, Liger,
+  TRL's chunked LM head, with and without gradient checkpointing; unsloth (where installed)
+  ours: summarizer.train.fit as the GPU presets run it: examples packed into rows of
+        batch x max length tokens (ours_batch: the plain run's batches of 8, each packed;
+        ours_ckpt: with gradient checkpointing and the loss through TRL's chunked LM head,
+        for the memory they save; not run by default: ours_compile, with train.compile;
+        ours_fused, the chunked head without checkpointing; ours_lean / ours_ckpt_lean,
+        ours / ours_ckpt with train.lora_dropout_recompute; ours_eager: ours without
+        the CUDA graph), each step's forward + backward replayed as one CUDA graph
+        (summarizer/speed/graph_step.py), FlashAttention varlen kernel
+        (summarizer/speed/packing.py), the LM head only at supervised positions, fused AdamW
 
-and records non-padding tokens/s, s/step, peak GPU memory, the fraction of a step the GPU is busy
-(torch profiler over a few steps), and the held-out loss after one pass over the same rows. Then it
-generates for the whole validation set (every dev prompt) with (1) per-example `generate` on the
-QLoRA model (a few rows: it is slow), (2) plain batched `generate` on the QLoRA model (batch 64),
-(3) `merged`: the adapter merged into a bf16 copy of the base, then `generate` in length-sorted
-batches, (4) `ours`, the project's path: the same merged copy, decoded by
-summarizer.speed.static_decode.greedy_static (static KV cache, one decode step replayed as a CUDA graph):
-new tokens/s, summaries/s (merge and graph capture included), and ROUGE-L of the outputs against
-the peer's outputs and against the reference completions.
+and records non-padding tokens/s (steady and whole run: min / median / max over the repeats),
+s/step, peak GPU memory, model FLOPs utilisation (peers.py has the formula), the fraction of a step
+the GPU is busy (torch profiler over a few steps), and the held-out loss after one pass. Each
+ours_* variant is compared with the peer of the same steps and checkpointing (peers.MATCHED).
+
+Then it generates for the whole validation set (every dev prompt), every batched peer with the same
+batch size (--gen-batch) and longest-first order, each `--repeats` times:
+(1) per-example `generate` on the QLoRA model (a few rows: it is slow), (2) batched `generate` on
+the QLoRA model, (3) `merged`: the adapter merged into a bf16 copy of the base, then `generate`,
+(4) `merged_compiled`: the same with transformers' own fast path, `cache_implementation="static"`
+and `compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")` (generate compiles the
+decode step; --no-compile: the static cache alone), (5) `ours`, the project's path: the same merged
+copy, decoded by summarizer.speed.static_decode.greedy_static (static KV cache, one decode step
+replayed as a CUDA graph): new tokens/s, summaries/s (the first repeat with merge, compile and graph
+capture included), the share of prompts each peer wrote exactly ours' tokens for, and ROUGE-L against
+ours' and against the reference completions.
 Results: JSON under --out (and a markdown table printed, for benchmarks/RESULTS.md).
 """
 
@@ -46,12 +53,16 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import peers  # noqa: E402  (benchmarks/peers.py)
+
 ROWS = ROOT / "benchmarks" / "data" / "dialogsum_ko_dev_rows.json.gz"
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -135,23 +146,40 @@ OURS = {
 FIRST_ID = 16  # ids below this are special in the synthetic vocabulary (pad=0, eos=1, bos=2)
 
 
+DEFAULT_VARIANTS = (
+    "trl_plain,trl_best,trl_best_nockpt,trl_best_bfd,trl_best_bfd_nockpt,unsloth,"
+    "ours_batch_ckpt,ours_batch,ours_ckpt,ours"
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="training + generation speed benchmark")
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument(
-        "--variants",
-        default="trl_plain,trl_best,ours_batch,ours_batch_ckpt,ours_ckpt_6k,ours_eager,ours",
+        "--steps",
+        type=int,
+        default=None,
+        help="steps of the plain run (batches of --batch-size): the rows every variant trains "
+        "once (default 200 on a GPU, 6 with --cpu-smoke)",
     )
-    ap.add_argument("--train-rows", type=int, default=640)  # 80 steps of the plain run
+    ap.add_argument("--train-rows", type=int, default=0, help="rows to train (0: steps x batch)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each variant (min/median/max)")
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--gen-rows", type=int, default=0, help="prompts to generate for (0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--single-rows", type=int, default=4, help="rows for per-example generate")
-    ap.add_argument("--gen-batch", type=int, default=128, help="the project path's batch size")
+    ap.add_argument("--gen-batch", type=int, default=128, help="every batched peer's batch size")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-steps", type=int, default=-1, help="cap on steps (default: one epoch)")
     ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="merged_compiled: the static cache, no compile"
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="the GPU's peak dense bf16 TFLOP/s (MFU)"
+    )
     ap.add_argument("--in-process", action="store_true", help="train every variant in this process")
     ap.add_argument("--quant", default=None, help="nf4 (default on GPU) | none (default on CPU)")
     ap.add_argument("--grad-ckpt", action="store_true", help="ours: gradient checkpointing on")
@@ -162,20 +190,30 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--cpu-smoke", action="store_true", help="allow running without a GPU")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if "unsloth" in variants and len(variants) == 1 and args.in_process:
+        import_unsloth_first()
     import torch
 
     if not torch.cuda.is_available() and not args.cpu_smoke:
         sys.exit("error: bench.py measures a GPU; none is visible (use --cpu-smoke to try it here)")
+    if args.repeats < 1:
+        sys.exit(f"error: --repeats={args.repeats}: expected >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     args.quant = args.quant or ("nf4" if torch.cuda.is_available() else "none")
+    args.steps = args.steps or (6 if args.cpu_smoke else 200)
+    args.train_rows = args.train_rows or args.steps * args.batch_size
     path, tokenizer = make_shape(args.shape, work / "shapes")
     train_rows, eval_rows, all_rows = load_rows(args, tokenizer)
+    flops = peers.flops_per_token(SHAPES[args.shape], train_rows)
+    flops["peak_tflops"] = peers.peak_tflops(args.peak_tflops)
     result = {
         "shape": args.shape,
         "config": SHAPES[args.shape],
         "env": environment(),
         "args": vars(args),
+        "mfu": flops,
         "train": {},
         "generate": {},
     }
@@ -188,22 +226,17 @@ def main() -> None:
         save(dest, result)
         print(json.dumps(result["lowmem"], indent=1))
         return
-    variants = args.variants.split(",")
     for variant in variants:
         print(f"== train {variant}", flush=True)
-        if len(variants) > 1 and not args.in_process:
-            figures = isolated(variant, work)
+        if variant == "unsloth" and not peers.unsloth_available():
+            figures = {"error": "not installed", "not_installed": True}
+        elif (len(variants) > 1 or args.repeats > 1) and not args.in_process:
+            runs = [isolated(variant, work, i) for i in range(args.repeats)]
+            figures = peers.summarise(runs)
         else:
-            try:
-                figures, _ = train_variant(
-                    variant, path, tokenizer, train_rows, eval_rows, args, work
-                )
-            except Exception as e:  # one broken variant must not cost the others' figures
-                import traceback
-
-                traceback.print_exc()
-                figures = {"error": f"{type(e).__name__}: {e}"}
-                free()
+            figures = train_guarded(variant, path, tokenizer, train_rows, eval_rows, args, work)
+        if "error" not in figures:
+            peers.add_mfu(figures, flops["flops_per_token"], flops["peak_tflops"])
         result["train"][variant] = figures
         save(dest, result)  # each variant's figures survive a later crash or time limit
         top = figures.get("profile_top_host_ops")
@@ -219,9 +252,33 @@ def main() -> None:
     print(table(result))
 
 
-def isolated(variant: str, work: Path) -> dict:
-    """Train one variant in its own process: Liger (trl_best, train.liger) patches transformers'
-    model classes process-wide, and would otherwise reach every variant trained after it."""
+def import_unsloth_first() -> None:
+    """unsloth patches transformers, TRL and peft at import: it must come before them."""
+    if peers.unsloth_available():
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")  # the held-out loss reads the logits
+        import unsloth  # noqa: F401
+
+
+def train_guarded(variant, path, tokenizer, train_rows, eval_rows, args, work) -> dict:
+    try:
+        figures, _ = train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work)
+    except peers.NotInstalled as e:
+        return {"error": f"not installed: {e}", "not_installed": True}
+    except Exception as e:  # one broken variant must not cost the others' figures
+        import traceback
+
+        traceback.print_exc()
+        free()
+        return {"error": f"{type(e).__name__}: {e}"}
+    return figures
+
+
+def isolated(variant: str, work: Path, repeat: int = 0) -> dict:
+    """Train one variant once in its own process: Liger (the TRL peers, train.liger) patches
+    transformers' model classes process-wide, and would otherwise reach every variant trained
+    after it; unsloth patches transformers, TRL and peft at import."""
     import subprocess
 
     argv, skip = [], False
@@ -229,16 +286,16 @@ def isolated(variant: str, work: Path) -> dict:
         if skip:
             skip = False
             continue
-        if a in ("--variants", "--out"):
+        if a in ("--variants", "--out", "--repeats"):
             skip = True
             continue
-        if a.startswith(("--variants=", "--out=")):
+        if a.startswith(("--variants=", "--out=", "--repeats=")):
             continue
         argv.append(a)
-    out = work / "variants" / variant
+    out = work / "variants" / variant / f"r{repeat}"
     shutil.rmtree(out, ignore_errors=True)  # no figures of an earlier run can stand in for these
     cmd = [sys.executable, __file__, *argv, "--variants", variant, "--out", str(out)]
-    cmd += ["--no-generate", "--in-process"]
+    cmd += ["--repeats", "1", "--no-generate", "--in-process"]
     done = subprocess.run(cmd, cwd=ROOT)
     files = sorted(out.glob("*.json"))
     figures = json.loads(files[0].read_text())["train"].get(variant) if files else None
@@ -324,14 +381,33 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
     free()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    base = load_base(path, args.quant)
     meter = Meter(tokenizer.pad_token_id, *((1, 0) if args.cpu_smoke else (3, 3)))
-    start = time.perf_counter()
     out = work / "runs" / variant
-    if variant in ("trl_plain", "trl_best"):
-        trainer = trl_trainer(variant, base, tokenizer, train_rows, args, out, meter)
+    extra = {}
+    if variant == "unsloth":  # loads the base itself
+        start = time.perf_counter()
+        trainer, base = peers.unsloth_trainer(
+            path, tokenizer, train_rows, args, out, meter, bench_overrides(args)
+        )
         trainer.train()
         lm = trainer.model
+        extra.update(peers.unsloth_versions())
+    else:
+        base = load_base(path, args.quant)
+        start = time.perf_counter()
+    if variant in peers.TRL:
+        trainer, attention = peers.trl_trainer(
+            variant, base, tokenizer, train_rows, args, out, meter, bench_overrides(args)
+        )
+        trainer.train()
+        lm = trainer.model
+        peers.restore_attention(lm)
+        extra["attention"] = attention
+        extra["liger"] = bool(trainer.args.use_liger_kernel)
+        extra["optim"] = getattr(trainer.args.optim, "value", str(trainer.args.optim))
+        extra["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)
+    elif variant == "unsloth":
+        pass
     elif variant in OURS:
         from summarizer import model as summarizer_model
         from summarizer.train import fit as train
@@ -345,11 +421,13 @@ def train_variant(variant, path, tokenizer, train_rows, eval_rows, args, work: P
         lm = summarizer_model.add_lora(base, lora, cfg.gradient_checkpointing, cfg.upcast_frozen)
         rows = [to_labels(r) for r in train_rows]
         train.fit(cfg, lm, tokenizer, rows, [], out, [meter])
+        extra["gradient_checkpointing"] = bool(cfg.gradient_checkpointing)
     else:
         raise SystemExit(f"error: unknown variant {variant!r}")
     wall = time.perf_counter() - start
     figures = meter.figures()
     figures["wall_seconds_incl_setup"] = wall
+    figures.update(extra)
     figures["eval_loss"] = held_out_loss(lm, eval_rows, tokenizer.pad_token_id)
     if torch.cuda.is_available():
         figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -388,71 +466,6 @@ def bench_overrides(args) -> dict:
         logging_steps=1,
         early_stopping_patience=0,
     )
-
-
-def trl_trainer(variant, base, tokenizer, train_rows, args, out, meter):
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig as PeftLoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    best = variant == "trl_best"
-    ds = Dataset.from_dict(
-        {
-            "input_ids": [r["prompt"] + r["completion"] for r in train_rows],
-            "completion_mask": [
-                [0] * len(r["prompt"]) + [1] * len(r["completion"]) for r in train_rows
-            ],
-        }
-    )
-    o = bench_overrides(args)
-    on_gpu = torch.cuda.is_available()
-    extra = {}
-    if best:
-        extra.update(packing=True, packing_strategy="bfd")
-        if liger_available():
-            extra["use_liger_kernel"] = True
-    config = SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=o["batch_size"],
-        gradient_accumulation_steps=1,
-        max_length=o["max_length"],
-        learning_rate=o["lr"],
-        lr_scheduler_type=o["scheduler"],
-        warmup_steps=o["warmup_ratio"],
-        num_train_epochs=1,
-        max_steps=o["max_steps"],
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=on_gpu,
-        optim="paged_adamw_32bit" if on_gpu else "adamw_torch",
-        completion_only_loss=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not on_gpu,
-        seed=42,
-        **extra,
-    )
-    peft_config = PeftLoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEVEN, task_type="CAUSAL_LM"
-    )
-    return SFTTrainer(
-        model=base,
-        args=config,
-        train_dataset=ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[meter],
-    )
-
-
-def liger_available() -> bool:
-    import importlib.util
-
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def load_base(path: Path, quant: str):
@@ -651,7 +664,13 @@ def gpu_busy_seconds(prof) -> float:
 # --- generation ---------------------------------------------------------------------------------
 
 
+GEN_PEERS = ("per_example", "plain_batched", "merged", "merged_compiled", "ours")
+
+
 def generation(path, tokenizer, prompts, refs, args, work: Path) -> dict:
+    """Every peer generates for the same prompts, greedy, `args.repeats` times: the first run pays
+    the one-off costs (merge, compile, graph captures: `new_tokens_per_second` is that run's, the
+    merge counted), the min / median / max are over every run (the merge left out)."""
     import torch
 
     from summarizer import generate
@@ -661,59 +680,87 @@ def generation(path, tokenizer, prompts, refs, args, work: Path) -> dict:
     adapter = work / "runs" / "ours" / "adapter"
     eos = [tokenizer.eos_token_id]
     res = {}
+    outputs = {}
     qlora = load_adapter_model(path, adapter, args.quant)
     n_single = min(args.single_rows, len(prompts))  # ~0.1 s a token on the GPU: a few do
+    repeats = args.repeats
+    new = args.max_new_tokens
 
     def one_by_one():
-        return [
-            plain_generate(qlora, [p], tokenizer, args.max_new_tokens)[0]
-            for p in prompts[:n_single]
-        ]
+        return hf_generate(qlora, prompts[:n_single], tokenizer, new, batch=1)
 
-    t = timed(one_by_one)
-    res["per_example"] = speed(t, n_single)
-    t = timed(lambda: plain_generate(qlora, prompts, tokenizer, args.max_new_tokens, 64))
-    peer = t["value"]
-    res["plain_batched"] = speed(t, len(prompts))
+    res["per_example"], _ = repeated(one_by_one, n_single, repeats)
+    batched = lambda: hf_generate(qlora, prompts, tokenizer, new, args.gen_batch)  # noqa: E731
+    res["plain_batched"], outputs["plain_batched"] = repeated(batched, len(prompts), repeats)
     # As the pipeline does after training: the QLoRA model in memory made dense (the adapter merged
-    # into a bf16 copy of the base), timed once and counted in both merged variants.
+    # into a bf16 copy of the base), timed once and counted in the first run of each merged peer.
     merge = timed(lambda: merging.merged_for_generation(qlora))
     lm, qlora = merge["value"], None
     free()
     res["merge_seconds"] = merge["seconds"]
 
-    def decode(static: str):
+    def ours():
         cfg = GenerateConfig(
             batch_size=args.gen_batch,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=new,
             stop_at_newline=False,
             merge="true",
-            static_decode=static,
+            static_decode="true",
         )
         texts = generate.summaries(cfg, lm, tokenizer, prompts, eos)
         return [[int(x) for x in s.split()] for s in texts]
 
-    # ours first: any first-use cost of the bf16 kernels is on the project's side
-    for name, static in (("ours", "true"), ("merged", "false")):
-        t = timed(lambda static=static: decode(static))
-        t["seconds"] += merge["seconds"]
-        res[name] = speed(t, len(prompts))
-        res[name]["rougeL_vs_plain_batched"] = rouge_l(t["value"], peer)
-        res[name]["rougeL_vs_reference"] = rouge_l(t["value"], refs)
-        res[name]["outputs"] = t["value"]
+    compiled = not args.no_compile
+    peers_merged = {
+        "ours": ours,  # first: any first-use cost of the bf16 kernels is on the project's side
+        "merged": lambda: hf_generate(lm, prompts, tokenizer, new, args.gen_batch),
+        # transformers' own best: static cache, the decode step compiled by generate itself
+        "merged_compiled": lambda: hf_generate(
+            lm, prompts, tokenizer, new, args.gen_batch, static=True, compiled=compiled
+        ),
+    }
+    for name, fn in peers_merged.items():
+        res[name], outputs[name] = repeated(fn, len(prompts), repeats, merge["seconds"])
+    res["merged_compiled"]["compiled"] = compiled
+    mine = outputs["ours"]
+    for name, out in outputs.items():
+        res[name]["rougeL_vs_reference"] = rouge_l(out, refs)
+        res[name]["rougeL_vs_plain_batched"] = rouge_l(out, outputs["plain_batched"])
+        if name != "ours":  # ours against itself is 100 by construction
+            same = sum(a == b for a, b in zip(out, mine))
+            res[name]["identical_to_ours"] = same
+            res[name]["identical_to_ours_share"] = same / max(len(mine), 1)
+            res[name]["rougeL_vs_ours"] = rouge_l(out, mine)
     # the static decoder must write what `generate` writes on the same weights (100 = identical)
-    res["ours"]["rougeL_vs_merged"] = rouge_l(res["ours"]["outputs"], res["merged"]["outputs"])
-    res["ours"]["identical_to_merged"] = sum(
-        a == b for a, b in zip(res["ours"].pop("outputs"), res["merged"].pop("outputs"))
-    )
-    res["plain_batched"]["rougeL_vs_reference"] = rouge_l(peer, refs)
-    for k in ("plain_batched", "merged", "ours"):
-        res[k]["speedup_vs_plain_batched"] = (
-            res[k]["new_tokens_per_second"] / res["plain_batched"]["new_tokens_per_second"]
+    res["ours"]["rougeL_vs_merged"] = res["merged"]["rougeL_vs_ours"]
+    res["ours"]["identical_to_merged"] = res["merged"]["identical_to_ours"]
+    base = res["plain_batched"]["new_tokens_per_second"]
+    for k in ("plain_batched", "merged", "merged_compiled", "ours"):
+        res[k]["speedup_vs_plain_batched"] = res[k]["new_tokens_per_second"] / base
+    for k in ("merged", "merged_compiled"):
+        res["ours"][f"speedup_vs_{k}"] = (
+            res["ours"]["new_tokens_per_second"] / res[k]["new_tokens_per_second"]
         )
+    res["batch_size"] = args.gen_batch
     if torch.cuda.is_available():
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
+
+
+def repeated(fn, n: int, repeats: int, one_off: float = 0.0) -> tuple[dict, list]:
+    """Run `fn` `repeats` times: the first run's figures with `one_off` seconds added (what a single
+    evaluation costs), and each run's new tokens/s, min / median / max."""
+    runs = [timed(fn) for _ in range(repeats)]
+    first = dict(runs[0])
+    first["seconds"] += one_off
+    figures = speed(first, n)
+    rates = [sum(len(v) for v in r["value"]) / r["seconds"] for r in runs]
+    figures["run_seconds"] = [r["seconds"] for r in runs]
+    figures["new_tokens_per_second_min"] = min(rates)
+    figures["new_tokens_per_second_median"] = statistics.median(rates)
+    figures["new_tokens_per_second_max"] = max(rates)
+    figures["repeats_identical"] = all(r["value"] == runs[0]["value"] for r in runs)
+    return figures, runs[0]["value"]
 
 
 def load_adapter_model(path, adapter, quant: str):
@@ -722,14 +769,31 @@ def load_adapter_model(path, adapter, quant: str):
     return PeftModel.from_pretrained(load_base(path, quant), str(adapter)).eval()
 
 
-def plain_generate(lm, prompts, tokenizer, max_new, batch=1):
-    """The peer: left-padded batches in the given order, `generate` as is, greedy."""
+def hf_generate(lm, prompts, tokenizer, max_new, batch=1, static=False, compiled=False):
+    """A peer: `generate` as is, greedy, on left-padded batches of `batch` prompts taken longest
+    first (the order the project's path uses), outputs in the input order. static: a static KV
+    cache, with `compiled` the decode step compiled by generate (transformers' CompileConfig, the
+    documented fast path: fullgraph, reduce-overhead = CUDA graphs); without, compile is off."""
     import torch
+    from transformers import CompileConfig
 
-    outs = []
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outs: list = [None] * len(prompts)
     device = next(lm.parameters()).device
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
+    special = set(tokenizer.all_special_ids)
+    kwargs = {}
+    if static:
+        kwargs["cache_implementation"] = "static"
+        if compiled:
+            config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+            if device.type == "cpu":  # generate compiles on accelerators only unless told
+                config._compile_all_devices = True
+            kwargs["compile_config"] = config
+        else:
+            kwargs["disable_compile"] = True
+    for i in range(0, len(order), batch):
+        idx = order[i : i + batch]
+        chunk = [prompts[j] for j in idx]
         enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt", padding_side="left")
         with torch.inference_mode():
             g = lm.generate(
@@ -738,18 +802,22 @@ def plain_generate(lm, prompts, tokenizer, max_new, batch=1):
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **kwargs,
             )
-        for row in g[:, enc["input_ids"].shape[1] :].tolist():
-            outs.append(strip_after_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id))
+        for j, row in zip(idx, g[:, enc["input_ids"].shape[1] :].tolist()):
+            outs[j] = strip_after_eos(row, tokenizer.eos_token_id, special)
     return outs
 
 
-def strip_after_eos(row, eos, pad):
+def strip_after_eos(row, eos, special=()):
+    """The new tokens up to the first eos, special tokens dropped: what the project's path keeps
+    (it decodes with skip_special_tokens), so outputs compare token for token."""
     out = []
     for t in row:
-        if t in (eos, pad):
+        if t == eos:
             break
-        out.append(t)
+        if t not in special:
+            out.append(t)
     return out
 
 
@@ -917,53 +985,130 @@ def save(dest: Path, result: dict) -> None:
 
 
 def table(r: dict) -> str:
+    """Markdown for RESULTS.md: the matched whole-run ratios first, then every variant, then
+    generation."""
+    env = r["env"]
     lines = [
-        f"### {r['shape']} ({r['env']['device']}, torch {r['env']['torch']}, "
-        f"transformers {r['env']['transformers']}, trl {r['env']['trl']})",
+        f"### {r['shape']} ({env['device']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, trl {env['trl']})",
         "",
-        "| training | tokens/s | s/step | tokens/step | peak GiB | GPU busy | held-out loss "
-        "| vs trl_plain | vs trl_best | whole run: tokens/s, vs trl_plain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     t = {k: v for k, v in r["train"].items() if "error" not in v}
+    lines += headline(t)
+    lines += [
+        "",
+        "| training | tokens/s, median (min-max) | whole run | s/step | tokens/step | peak GiB "
+        "| MFU (whole run) | GPU busy | held-out loss | ckpt |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k, v in r["train"].items():
         if "error" in v:
-            lines.append(f"| {k} | failed: {v['error'][:80]} |")
+            why = "not installed" if v.get("not_installed") else f"failed: {v['error'][:80]}"
+            lines.append(f"| {k} | {why} |")
             continue
-        ratio = {
-            b: v["tokens_per_second"] / t[b]["tokens_per_second"] if b in t else None
-            for b in ("trl_plain", "trl_best")
-        }
         lines.append(
-            f"| {k} | {v['tokens_per_second']:,.0f} | {v['seconds_per_step']:.3f} | "
-            f"{v['tokens_per_step']:,.0f} | {fmt(v.get('peak_gib'))} | {fmt(v.get('gpu_busy'))} | "
-            f"{v['eval_loss']:.4f} | {fmt(ratio['trl_plain'])}x | {fmt(ratio['trl_best'])}x | "
-            f"{whole_run(v, t.get('trl_plain'))} |"
+            f"| {k} | {spread(v, 'tokens_per_second')} | {spread(v, 'tokens_per_second_whole_run')} "
+            f"| {v['seconds_per_step']:.3f} | {v['tokens_per_step']:,.0f} | {fmt(v.get('peak_gib'))} "
+            f"| {pct(v.get('mfu'))} ({pct(v.get('mfu_whole_run'))}) | {fmt(v.get('gpu_busy'))} "
+            f"| {v['eval_loss']:.4f} | {'yes' if v.get('gradient_checkpointing') else 'no'} |"
+        )
+    m = r.get("mfu") or {}
+    if m:
+        lines.append(
+            f"\nMFU: {m['flops_per_token'] / 1e9:.3g} GFLOPs a token ({m['formula']}) over "
+            f"{fmt(m.get('peak_tflops'))} TFLOP/s peak; {r['args'].get('repeats', 1)} repeats "
+            f"of {r['args'].get('train_rows')} rows each."
         )
     g = r.get("generate") or {}
     if g:
         lines += [
             "",
-            "| generation | new tokens/s | summaries/s | seconds | x plain batched "
-            "| ROUGE-L vs plain | ROUGE-L vs reference |",
-            "|---|---|---|---|---|---|---|",
+            f"| generation (batch {g.get('batch_size', '-')}) | new tokens/s, first run "
+            "| runs: median (min-max) | summaries/s | x plain batched | identical to ours "
+            "| ROUGE-L vs ours | ROUGE-L vs reference |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for k in ("per_example", "plain_batched", "merged", "ours"):
+        for k in GEN_PEERS:
             if k not in g:
                 continue
             v = g[k]
+            same = v.get("identical_to_ours_share")
             lines.append(
-                f"| {k} | {v['new_tokens_per_second']:,.0f} | {v['summaries_per_second']:.2f} | "
-                f"{v['seconds']:.1f} | {fmt(v.get('speedup_vs_plain_batched'))} | "
-                f"{fmt(v.get('rougeL_vs_plain_batched'))} | {fmt(v.get('rougeL_vs_reference'))} |"
+                f"| {k} | {v['new_tokens_per_second']:,.0f} | {gen_spread(v)} "
+                f"| {v['summaries_per_second']:.2f} | {fmt(v.get('speedup_vs_plain_batched'))} "
+                f"| {'-' if same is None else pct(same)} | {fmt(v.get('rougeL_vs_ours'))} "
+                f"| {fmt(v.get('rougeL_vs_reference'))} |"
             )
         if "ours" in g:
             lines.append(
-                f"\nMerge {g['merge_seconds']:.1f} s (in both merged rows); ours wrote the same "
-                f"tokens as merged `generate` for {g['ours']['identical_to_merged']} of "
+                f"\nMerge {g['merge_seconds']:.1f} s (in each merged peer's first run); ours wrote "
+                f"the same tokens as merged `generate` for {g['ours']['identical_to_merged']} of "
                 f"{g['ours']['rows']} prompts (ROUGE-L {g['ours']['rougeL_vs_merged']:.2f})."
             )
     return "\n".join(lines)
+
+
+def headline(t: dict) -> list[str]:
+    """ours / peer, whole run (every step in, median of the repeats): each ours variant against
+    the peer of the same steps and checkpointing, the strongest TRL configuration and unsloth."""
+    trl = {k: v for k, v in t.items() if k in peers.TRL and _whole_rate(v)}
+    strongest = max(trl, key=lambda k: _whole_rate(trl[k])) if trl else None
+    rows = []
+    for ours, matched in peers.MATCHED.items():
+        if ours not in t:
+            continue
+        against = [matched, strongest, peers.UNSLOTH_MATCHED.get(ours)]
+        seen = set()
+        for peer in against:
+            if peer is None or peer in seen or peer not in t:
+                continue
+            seen.add(peer)
+            label = peer + (" (matched)" if peer == matched else "")
+            label += " (strongest TRL)" if peer == strongest else ""
+            rows.append(ratio_row(ours, label, t[ours], t[peer]))
+    if not rows:
+        return []
+    return [
+        "| ours | / peer | whole-run tokens/s | steady tokens/s | peak memory | held-out loss |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def ratio_row(name: str, label: str, v: dict, p: dict) -> str:
+    whole = _whole_rate(v) / _whole_rate(p) if _whole_rate(p) else None
+    steady = v["tokens_per_second"] / p["tokens_per_second"] if p["tokens_per_second"] else None
+    mem = v["peak_gib"] / p["peak_gib"] if v.get("peak_gib") and p.get("peak_gib") else None
+    loss = 100 * (v["eval_loss"] - p["eval_loss"]) / p["eval_loss"]
+    return (
+        f"| {name} | {label} | **{times(whole)}** | {times(steady)} | {times(mem)} "
+        f"| {loss:+.2f} % |"
+    )
+
+
+def times(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def spread(v: dict, key: str) -> str:
+    if key not in v:
+        return "-"
+    if key + "_min" in v and v.get("repeats", 1) > 1:
+        return f"{v[key]:,.0f} ({v[key + '_min']:,.0f}-{v[key + '_max']:,.0f})"
+    return f"{v[key]:,.0f}"
+
+
+def gen_spread(v: dict) -> str:
+    if "new_tokens_per_second_median" not in v:
+        return "-"
+    return (
+        f"{v['new_tokens_per_second_median']:,.0f} ({v['new_tokens_per_second_min']:,.0f}-"
+        f"{v['new_tokens_per_second_max']:,.0f})"
+    )
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
 
 
 def whole_run(v: dict, plain: dict | None) -> str:
