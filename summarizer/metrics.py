@@ -82,20 +82,9 @@ def _scorer(tokenizer: str, keep_special_tokens: bool):
     )
 
 
-@lru_cache(maxsize=4)
-def _word_tokenizer(tokenizer: str, keep_special_tokens: bool):
-    if tokenizer == "mecab":
-        return MecabTokenizer(keep_special_tokens)
-    if tokenizer == "whitespace":
-        return WhitespaceTokenizer()
-    from rouge_score.tokenizers import DefaultTokenizer
-
-    return DefaultTokenizer(use_stemmer=True)
-
-
 def token_count(text: str, tokenizer: str = "mecab", keep_special_tokens: bool = True) -> int:
     """The length of `text` in the tokens ROUGE counts (mecab morphemes for Korean)."""
-    return len(_word_tokenizer(tokenizer, keep_special_tokens).tokenize(text))
+    return len(_tokenizer(tokenizer, keep_special_tokens).tokenize(text))
 
 
 def rouge_rows(
