@@ -11,9 +11,12 @@ and the RL stage on that adapter (`stages.rl=true`, greedy decoding after it). E
 predictions are scored twice with the run's metric: mecab morphemes with `#PersonN#` split (the
 competition's tokenization) and kept whole (`metric.keep_special_tokens=true`, the honest variant).
 Seconds: generation per validation row (the run's generate_seconds_per_row) and the extra training
-minutes of the RL stage.
+minutes of the RL stage. Each variant is also compared with greedy on the same rows: the mean
+difference of the rows' final (mecab split) and its paired bootstrap 95 % interval.
 
 Writes <out>/decoding.json and <out>/decoding.md (a section for benchmarks/RESULTS.md).
+`--rescore DIR [DIR ...]` rebuilds them from earlier output folders without running anything (e.g.
+the folders of several benchmark processes run side by side, one per variant group).
 """
 
 from __future__ import annotations
@@ -75,10 +78,16 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the shipped samples")
     ap.add_argument("--out", default=None, help="default: benchmarks/out/decoding-<time>")
+    ap.add_argument("--rescore", nargs="+", default=None, metavar="DIR", help="earlier outputs")
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every run")
     a = ap.parse_args()
     out = Path(a.out or ROOT / "benchmarks" / "out" / time.strftime("decoding-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
+    if a.rescore:
+        result = rescore([Path(d) for d in a.rescore])
+        _write(out, result)
+        print(markdown(result))
+        return
     if a.cpu_smoke:
         langs = {"en": str(ROOT / "data" / "samples" / "dialogsum_en.jsonl")}
         base = CPU_RUN
@@ -103,10 +112,65 @@ def main() -> None:
                     args.append("stages.rl=true")
                 folder = out / f"{lang}_{name.replace('+', '_')}"
                 row = _row(lang, name, folder, _run(folder, args), lang)
+            _versus_greedy(row, folder if name != "greedy" else sft, sft, lang)
             result["rows"].append(row)
-            (out / "decoding.json").write_text(json.dumps(result, indent=1))
-            (out / "decoding.md").write_text(markdown(result))
+            _write(out, result)
     print(markdown(result))
+
+
+def _write(out: Path, result: dict) -> None:
+    (out / "decoding.json").write_text(json.dumps(result, indent=1))
+    (out / "decoding.md").write_text(markdown(result))
+
+
+def _folder(out: Path, lang: str, name: str) -> Path:
+    return out / (f"{lang}_sft" if name == "greedy" else f"{lang}_{name.replace('+', '_')}")
+
+
+def rescore(dirs: list[Path]) -> dict:
+    """The rows of earlier outputs scored again from their run folders, in the order given."""
+    result = {"settings": {}, "rows": []}
+    for d in dirs:
+        old = json.loads((d / "decoding.json").read_text())
+        for r in old["rows"]:
+            lang, name = r["lang"], r["variant"]
+            known = result["settings"].setdefault(lang, old["settings"])
+            if known != old["settings"]:
+                raise SystemExit(f"{d}: other {lang} settings than the folders before it")
+            run = {"returncode": r["returncode"], "wall_s": r["wall_s"]}
+            row = _row(lang, name, _folder(d, lang, name), run, lang)
+            _versus_greedy(row, _folder(d, lang, name), _folder(d, lang, "greedy"), lang)
+            result["rows"].append(row)
+    return result
+
+
+def _finals(folder: Path, language: str) -> dict[str, float]:
+    """Each validation row's final (mecab split), by id."""
+    from summarizer import metrics
+    from summarizer.config import TaskConfig
+
+    with (folder / "predictions.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    tok = metrics.resolve_tokenizer("auto", language)
+    p, r = [x["prediction"] for x in rows], [x["reference"] for x in rows]
+    scores = metrics.score_rows(TaskConfig(), p, r, tok, False)
+    return {x["fname"]: s["final"] for x, s in zip(rows, scores)}
+
+
+def _versus_greedy(row: dict, folder: Path, greedy: Path, language: str) -> None:
+    """row["vs_greedy"]: the mean difference of the rows' final (mecab split) against greedy on
+    the same rows, with a paired bootstrap 95 % interval (what one seed's difference is worth)."""
+    from summarizer.sweep.report import paired_bootstrap
+
+    if "error" in row or row["variant"] == "greedy" or not (greedy / "predictions.csv").is_file():
+        return
+    mine, base = _finals(folder, language), _finals(greedy, language)
+    ids = [i for i in mine if i in base]
+    if len(ids) != len(mine):
+        row["vs_greedy"] = {"error": "not the same validation rows as greedy"}
+        return
+    b = paired_bootstrap([mine[i] for i in ids], [base[i] for i in ids])
+    row["vs_greedy"] = {k: b[k] for k in ("mean_diff", "low", "high")}
 
 
 def _run(folder: Path, overrides: list[str]) -> dict:
@@ -162,21 +226,29 @@ def _f(value, spec: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        f"Settings: `{' '.join(result['settings'])}`.",
+    settings = result["settings"]  # one list, or (--rescore) one per language
+    named = settings.items() if isinstance(settings, dict) else [("", settings)]
+    lines = [f"Settings{f' ({k})' if k else ''}: `{' '.join(v)}`." for k, v in named]
+    lines += [
         "",
         "| lang | variant | rows | ROUGE-1 | ROUGE-2 | ROUGE-L | final (#PersonN# whole) | "
-        "final (mecab split) | generate s/row | extra training min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "final (mecab split) | vs greedy (split, 95 % CI) | generate s/row | extra training min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['lang']} | {r['variant']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['lang']} | {r['variant']} | {r['error']} | | | | | | | | |")
             continue
+        v = r.get("vs_greedy") or {}
+        versus = (
+            v.get("error")
+            or (v and f"{v['mean_diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]")
+            or "-"
+        )
         lines.append(
             f"| {r['lang']} | {r['variant']} | {r.get('rows')} | {_f(r.get('rouge1'), '.2f')} | "
             f"{_f(r.get('rouge2'), '.2f')} | {_f(r.get('rougeL'), '.2f')} | "
-            f"{_f(r.get('final_whole'), '.2f')} | {_f(r.get('final_split'), '.2f')} | "
+            f"{_f(r.get('final_whole'), '.2f')} | {_f(r.get('final_split'), '.2f')} | {versus} | "
             f"{_f(r.get('generate_seconds_per_row'), '.3f')} | {_f(r.get('rl_minutes'), '.1f')} |"
         )
     return "\n".join(lines) + "\n"

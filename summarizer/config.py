@@ -259,6 +259,9 @@ class TrainConfig:
     # (the run's generation settings) and log their eval_rouge1 ... eval_<objective> by step (and
     # eval_rouge_seconds, the cost); trial.intermediate=rouge reports them to a sweep. 0: off
     eval_rouge_rows: int = 0
+    # how those rows are decoded: greedy (the fast decoder, whatever generate.strategy says: beam
+    # search or MBR would multiply every evaluation's cost) | run (generate.strategy's own search)
+    eval_rouge_strategy: str = "greedy"
     resume_from: str | None = None  # checkpoint folder, or a run's checkpoints folder (last one)
     # Continue this run where it stopped: rerun the same command with hydra.run.dir=<its folder>.
     resume: bool = False

@@ -6,6 +6,7 @@ split, by default ROUGE-1 + ROUGE-2 + ROUGE-L F1 (x 100). Every file a run write
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -291,9 +292,12 @@ def _rouge_scorer(cfg, plan, tokenizer, rows, encode, stop_id):
     merged copy: the model trains on."""
     tok = metrics.resolve_tokenizer(cfg.metric.tokenizer, cfg.data.language)
     refs = [ex.summary for ex in rows]
+    search = plan.generate  # train.eval_rouge_strategy=greedy: one decode per row, not N
+    if cfg.train.eval_rouge_strategy == "greedy":
+        search = dataclasses.replace(search, strategy="greedy")
 
     def score(lm) -> tuple[dict[str, float], list[float]]:
-        preds = summarize(cfg, lm, tokenizer, rows, encode, stop_id, plan.generate)
+        preds = summarize(cfg, lm, tokenizer, rows, encode, stop_id, search)
         per_row = metrics.score_rows(cfg.task, preds, refs, tok, cfg.metric.keep_special_tokens)
         return metrics.mean_rows(per_row), [r[cfg.task.objective] for r in per_row]
 

@@ -189,6 +189,7 @@ def check_lora(cfg) -> None:
 
 
 INTERMEDIATE = ("loss", "rouge")  # trial.intermediate: what each evaluation reports to the pruner
+EVAL_ROUGE_STRATEGIES = ("greedy", "run")  # train.eval_rouge_strategy
 
 
 def check_trial(trial, train) -> None:
@@ -196,6 +197,11 @@ def check_trial(trial, train) -> None:
     values are checked by sweep.pruners.check_pruner)."""
     if train.eval_rouge_rows < 0:
         raise UserError(f"train.eval_rouge_rows={train.eval_rouge_rows}: expected 0 (off) or rows")
+    if train.eval_rouge_strategy not in EVAL_ROUGE_STRATEGIES:
+        raise UserError(
+            f"train.eval_rouge_strategy={train.eval_rouge_strategy!r}: expected greedy (the fast "
+            "decoder) or run (generate.strategy)"
+        )
     if trial.intermediate not in INTERMEDIATE:
         raise UserError(
             f"trial.intermediate={trial.intermediate!r}: expected {' or '.join(INTERMEDIATE)}"

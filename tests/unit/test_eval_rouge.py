@@ -57,12 +57,32 @@ def _train(tiny, parts, tmp_path, extra):
     return lm, fit(train, lm, tok, rows, rows[:2], tmp_path, extra)
 
 
-def _scorer(parts):
+def _scorer(parts, strategy: str = "greedy"):
     cfg, tok, encode, stop, _, rouge_rows = parts
-    gen_plan = GeneratePlan(merged=False, static=False)
+    gen_plan = GeneratePlan(merged=False, static=False, strategy=strategy)
     return pipeline._rouge_scorer(
         cfg, plan.Plan("cpu", 1, None, gen_plan), tok, rouge_rows, encode, stop
     )
+
+
+@pytest.mark.parametrize("setting,expected", [("greedy", "greedy"), ("run", "mbr")])
+def test_rouge_during_training_decodes_greedily_unless_told_to_use_the_runs_search(
+    tiny, run_parts, monkeypatch, setting, expected
+):
+    cfg = run_parts[0]
+    cfg.train.eval_rouge_strategy = setting
+    cfg.generate.strategy, cfg.generate.mbr.candidates = "mbr", 2
+    seen = []
+    summaries = pipeline.generate.summaries
+
+    def spy(gen_cfg, lm, tokenizer, ids, stops, gen_plan, select):
+        seen.append(gen_plan.strategy)
+        return summaries(gen_cfg, lm, tokenizer, ids, stops, gen_plan, select)
+
+    monkeypatch.setattr(pipeline.generate, "summaries", spy)
+    lm = model.add_lora(copy.deepcopy(tiny[0]), LoraConfig(r=4, alpha=8), False, seed=1)
+    means, per_row = _scorer(run_parts, "mbr")(lm)
+    assert seen == [expected] and len(per_row) == 3 and "rouge_sum" in means
 
 
 def test_rouge_at_each_evaluation_logged_by_step_and_reported_as_the_mean(
@@ -210,6 +230,7 @@ def test_bad_pruner_settings_are_one_line_errors(settings, message):
         ({"intermediate": "bleu"}, {}, "trial.intermediate='bleu': expected loss or rouge"),
         ({"pruner": {"name": "wilcoxon"}}, {"eval_rouge_rows": 8}, "wilcoxon .*intermediate=rouge"),
         ({}, {"eval_rouge_rows": -1}, "train.eval_rouge_rows=-1"),
+        ({}, {"eval_rouge_strategy": "beam"}, "train.eval_rouge_strategy='beam': expected greedy"),
         (
             {"pruner": {"name": "hyperband", "min_resource": 50}},
             {"max_steps": 20},
@@ -264,8 +285,7 @@ def test_gemma_sweep_searches_the_wider_space_and_every_value_composes():
     space, fixed = search_space([f"{k}={v}" for k, v in params.items()])
     assert not fixed
     new = {
-        "augmentation", "augmentation.speaker_swap.fraction", "generate.num_beams",
-        "generate.no_repeat_ngram_size", "generate.max_new_tokens", "train.epochs",
+        "augmentation", "augmentation.speaker_swap.fraction", "generate.no_repeat_ngram_size", "generate.max_new_tokens", "train.epochs",
         "lora.alpha_ratio", "lora.dropout", "train.scheduler", "train.warmup_ratio",
     }  # fmt: skip
     assert new | {"lora.r", "train.lr", "prompt.fewshot.k"} <= set(space)
@@ -292,7 +312,11 @@ def test_gemma_sweep_searches_the_wider_space_and_every_value_composes():
         "rouge", "wilcoxon", 64,
     )  # fmt: skip
     assert c.trial.pruner.n_startup_steps == 64  # one evaluation's rows
+    # decoding: MBR over 16 samples (the decoding benchmark's winner); training's ROUGE greedy
+    assert (c.generate.strategy, c.generate.mbr.candidates, c.generate.num_beams) == ("mbr", 16, 1)
+    assert c.train.eval_rouge_strategy == "greedy"
     plan.check_trial(c.trial, c.train)
+    assert plan.make(c).generate.strategy == "mbr"
 
 
 def test_gemma_sweep_files_are_one():

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -69,3 +71,39 @@ def test_a_decoding_row_scores_the_predictions_both_ways(tmp_path):
     failed = dec._row("en", "beam4", tmp_path / "missing", {"returncode": 1, "wall_s": 1.0}, "en")
     assert failed["error"].startswith("exit 1")
     assert "| en | beam4 | exit 1" in dec.markdown({"settings": [], "rows": [row, failed]})
+
+
+def _predictions(folder: Path, rows: list[tuple[str, str, str]]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"metrics": {"rouge1": 1.0}}))
+    with (folder / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fname", "prediction", "reference"])
+        w.writerows(rows)
+
+
+def test_rescore_merges_folders_and_compares_each_variant_with_greedy_row_by_row(tmp_path):
+    refs = [
+        ("a", "#Person1# buys a new car."),
+        ("b", "#Person2# sells a house."),
+        ("c", "They eat."),
+    ]
+    for name, part in (("greedy", "x"), ("mbr8", "y")):
+        out = tmp_path / part
+        _predictions(out / "en_sft", [(i, "They talk.", r) for i, r in refs])
+        if name == "mbr8":  # every row nearer its reference than greedy's
+            _predictions(out / "en_mbr8", [(i, r.replace(".", " now."), r) for i, r in refs])
+        run = {"lang": "en", "variant": name, "returncode": 0, "wall_s": 1.0}
+        (out / "decoding.json").write_text(json.dumps({"settings": ["s=1"], "rows": [run]}))
+    result = dec.rescore([tmp_path / "x", tmp_path / "y"])
+    greedy, mbr = result["rows"]
+    assert result["settings"] == {"en": ["s=1"]} and "vs_greedy" not in greedy
+    v = mbr["vs_greedy"]
+    assert v["mean_diff"] == pytest.approx(mbr["final_split"] - greedy["final_split"])
+    assert 0 < v["low"] <= v["mean_diff"] <= v["high"]
+    assert f"| +{v['mean_diff']:.2f} [" in dec.markdown(result)
+    (tmp_path / "y" / "decoding.json").write_text(
+        json.dumps({"settings": ["s=2"], "rows": [{"lang": "en", "variant": "mbr8"}]})
+    )
+    with pytest.raises(SystemExit, match="other en settings"):
+        dec.rescore([tmp_path / "x", tmp_path / "y"])
