@@ -28,7 +28,15 @@ from summarizer.config import TrackingConfig
 from summarizer.errors import UserError
 from summarizer.files import write_atomic
 from summarizer.sweep.storage import check_storage, resolve_storage, shown
-from summarizer.sweep.study import REFIT, ROW_SCORES, STUDY_ID, WORKER, retry_of, tally
+from summarizer.sweep.study import (
+    PRUNED_AT,
+    REFIT,
+    ROW_SCORES,
+    STUDY_ID,
+    WORKER,
+    retry_of,
+    tally,
+)
 from summarizer.tracking import parent_run, preflight, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -153,6 +161,7 @@ def summary(study: optuna.Study) -> dict:
             "number": t.number,
             "state": t.state.name,
             "value": t.value,
+            "pruned_at": t.user_attrs.get(PRUNED_AT),  # the mean it had when pruned
             "params": t.params,
             "worker": t.user_attrs.get(WORKER),
             "retry_of": retry_of(t),
@@ -232,6 +241,9 @@ def page(info: dict, figures: list, links: dict[str, str]) -> str:
         number = str(t["number"])
         run = f'<a href="{e(links[number])}">run</a>' if number in links else ""
         value = "" if t["value"] is None else f"{t['value']:.4f}"
+        if t.get("pruned_at"):  # not Optuna's value: under per-row reports one row's score
+            p = t["pruned_at"]
+            value = f"{p['value']:.4f} ({e(p['name'])} at step {p['step']})"
         params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
         rows.append(
             f"<tr><td>{number}</td><td>{t['state']}</td><td>{value}</td><td>{e(params)}</td>"

@@ -49,6 +49,7 @@ STUDY_ID = "study_id"  # study user attr: a UUID given at creation (the MLflow p
 SETTINGS = "settings"  # study user attr: {key: value} of the settings every trial runs with
 SEARCHED = "searched"  # study user attr: the keys searched when SETTINGS was stored
 ROW_SCORES = "row_scores"  # user attr of a COMPLETE trial: each validation row's objective
+PRUNED_AT = "pruned_at"  # user attr of a PRUNED trial: {step, name, value} where it stopped
 REFIT = "refit"  # study user attr: {trial, output_dir, state, worker} of the sweep's refit
 RETRY_OF_FAILED = "retry_of_failed"  # user attr of a trial re-running a FAILED one (retry_failed)
 

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from summarizer import distributed, tracking
 from summarizer.errors import UserError
+from summarizer.sweep.study import PRUNED_AT
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class ReportToTrial(TrainerCallback):
             if self.trial.should_prune():
                 _, name, value = self.last
                 said = f"trial {self.trial.number} pruned at step {step} ({name} {value:.4f})"
+                # Optuna makes a pruned trial's value its last report: under per_row, one row's
+                # score. The mean where it stopped is what the report shows.
+                self.trial.set_user_attr(PRUNED_AT, {"step": step, "name": name, "value": value})
         said = distributed.from_main(said)
         if said is not None:
             raise optuna.TrialPruned(said)

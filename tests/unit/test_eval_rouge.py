@@ -173,6 +173,8 @@ def test_the_wilcoxon_pruner_prunes_a_trial_worse_row_by_row():
     state = type("S", (), {"global_step": 10})()
     with pytest.raises(optuna.TrialPruned, match="pruned at step 10 \\(eval_rouge_sum 5.0000\\)"):
         report.on_evaluate(None, state, None, metrics={"eval_loss": 1.0})
+    # the mean where it stopped, for the report (Optuna's value would be the last row's 12.0)
+    assert bad.user_attrs["pruned_at"] == {"step": 10, "name": "eval_rouge_sum", "value": 5.0}
     same = study.ask()  # as good as the best trial, row by row: kept
     rouge.last = (10, {"rouge_sum": 33.5}, [30.0 + i for i in range(8)])
     callbacks.ReportToTrial(same, rouge, per_row=True).on_evaluate(

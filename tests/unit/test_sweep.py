@@ -229,6 +229,10 @@ def test_the_report_is_one_page_that_renders_offline(tmp_path):
         t = s.ask(x)
         t.report(value, step=1)
         s.tell(t, value)
+    t = s.ask(x)  # pruned on per-row reports: its row's 9.0 is not what it scored
+    t.report(9.0, step=7)
+    t.set_user_attr("pruned_at", {"step": 4, "name": "eval_rouge_sum", "value": 1.5})
+    s.tell(t, state=optuna.trial.TrialState.PRUNED)
     report(s, tmp_path / "report", None, None)
     text = (tmp_path / "report" / "report.html").read_text()
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
@@ -239,3 +243,4 @@ def test_the_report_is_one_page_that_renders_offline(tmp_path):
     assert text.count(js[:200]) == 1 and js[-200:] in text  # plotly.js inlined, once
     assert "<script src=" not in text and text.count('class="plotly-graph-div"') >= 4
     assert "<td>2</td><td>COMPLETE</td><td>3.0000</td>" in text
+    assert "<td>3</td><td>PRUNED</td><td>1.5000 (eval_rouge_sum at step 4)</td>" in text
