@@ -92,7 +92,7 @@ bench: ## GPU: training + generation speed against plain TRL, per shape (benchma
 	$(PY) benchmarks/bench.py --shape llama-3b --lowmem
 
 test: $(STAMP) ## all tests: fast unit tests and the slow end-to-end tier (GPU tests skip without a GPU)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=30 $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
@@ -101,7 +101,7 @@ test-gpu: $(STAMP) ## on a GPU machine: the GPU tests, the seed recipes end to e
 	SUMMARIZER_REQUIRE_GPU=1 $(PY) -m pytest -q -m gpu $(ARGS)
 
 test-slow: $(STAMP) ## the slow tier only: real tiny end-to-end runs
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m slow --durations=30 $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -165,7 +166,28 @@ def test_merge_gives_the_same_model(trained, monkeypatch):
         merge(adapter, out)
 
 
-def test_predict_cli_matches_the_pipeline_submission(trained):
+@pytest.fixture
+def predict_main(trained, monkeypatch, capsys):
+    """`python -m summarizer.cli.predict <argv>` in this process (its main, as the command runs
+    it; the model loads in a second instead of a new interpreter's imports): (exit code, stdout,
+    stderr). `stdin` is what the command reads for `--input -`."""
+    from summarizer.cli.predict import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("SUMMARIZER_CACHE", str(trained / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_predict_cli_matches_the_pipeline_submission(trained, predict_main):
     out = trained / "predict.csv"
     env = {**os.environ, "SUMMARIZER_CACHE": str(trained / "cache"), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "summarizer.cli.predict", str(trained / "train")]
@@ -179,19 +201,16 @@ def test_predict_cli_matches_the_pipeline_submission(trained):
     assert out.read_text(encoding="utf-8") == (trained / "train" / "submission.csv").read_text(
         encoding="utf-8"
     )
-    again = subprocess.run(
-        [*cmd, "--input", str(sample), "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert again.returncode == 2 and "already exists" in again.stderr.strip().splitlines()[-1]
-    one = subprocess.run(
-        [*cmd, "--input", "-"], input="#Person1#: 안녕하세요.\n#Person2#: 네, 안녕하세요.",
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0 and len(one.stdout.strip().splitlines()) <= 1
+    run = str(trained / "train")
+    code, _, err = predict_main(run, "--input", str(sample), "--output", str(out))
+    assert code == 2 and "already exists" in err.strip().splitlines()[-1]
+    code, said, err = predict_main(
+        run, "--input", "-", stdin="#Person1#: 안녕하세요.\n#Person2#: 네, 안녕하세요."
+    )
+    assert code == 0 and len(said.strip().splitlines()) <= 1, err[-2000:]
 
 
-def test_mbr_in_the_pipeline_and_in_predict(trained):
+def test_mbr_in_the_pipeline_and_in_predict(trained, predict_main):
     """generate.strategy=mbr end to end (the static sampler, run on CPU without a graph): the run
     scores and submits, and predict with the run's config writes the same summaries (seeded)."""
     adapter = trained / "train" / "adapter"
@@ -213,21 +232,13 @@ def test_mbr_in_the_pipeline_and_in_predict(trained):
     preds = list(csv.DictReader(open(trained / "mbr" / "predictions.csv", encoding="utf-8")))
     assert len(preds) == 10
     out = trained / "mbr_predict.csv"
-    env = {**os.environ, "SUMMARIZER_CACHE": str(trained / "cache"), "HF_HUB_OFFLINE": "1"}
     sample = ROOT / "data" / "samples" / "dialogsum_ko_test.csv"
-    cmd = [sys.executable, "-m", "summarizer.cli.predict", str(trained / "mbr")]
-    proc = subprocess.run(
-        [*cmd, "--adapter", str(adapter), "--input", str(sample), "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cmd = [str(trained / "mbr"), "--adapter", str(adapter), "--input", str(sample)]
+    code, _, err = predict_main(*cmd, "--output", str(out))
+    assert code == 0, err[-2000:]
     assert out.read_text(encoding="utf-8") == (trained / "mbr" / "submission.csv").read_text(
         encoding="utf-8"
     )
-    bad = subprocess.run(
-        [*cmd, "--adapter", str(adapter), "--input", str(sample), "--output", str(out) + "2",
-         "--mbr-candidates", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: generate.mbr.candidates=1")
+    code, _, err = predict_main(*cmd, "--output", f"{out}2", "--mbr-candidates", "1")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: generate.mbr.candidates=1")

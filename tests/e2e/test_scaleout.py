@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from summarizer.sweep import report as sweep_report
 from summarizer.sweep import services
 from summarizer.sweep.study import WORKER, retry_of, tally
 from tests.conftest import ROOT
@@ -199,24 +200,9 @@ def test_three_workers_share_one_study_and_a_killed_workers_trial_is_retried(
     # The report needs only the shared stores: no worker folder is left to read from.
     for w in range(3):
         shutil.rmtree(tmp_path / f"w{w}")
-    report = [
-        sys.executable,
-        "-m",
-        "summarizer.sweep.report",
-        study_name,
-        "--storage",
-        shared.storage,
-    ]
-    report += ["--tracking-uri", shared.tracking, "--out", str(tmp_path / "report")]
-    proc = subprocess.run(
-        report,
-        cwd=ROOT,
-        env=worker_env(shared, cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # `python -m summarizer.sweep.report`'s main, in this process (no new interpreter to import)
+    report = [study_name, "--storage", shared.storage, "--tracking-uri", shared.tracking]
+    assert sweep_report.main([*report, "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.json").read_text()
     assert f'"number": {best.number}' in summary and '"rouge_sum"' in summary
 

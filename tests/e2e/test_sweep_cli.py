@@ -1,5 +1,5 @@
 """Slow tier: the tiny CPU sweep for real — parallel trials, a failing trial, pruning, MLflow
-parent/child runs, the report, resume to n_trials, and Ctrl-C then resume."""
+parent/child runs, the report, resume to n_trials, and Ctrl-C or SIGTERM then resume."""
 
 from __future__ import annotations
 
@@ -138,11 +138,10 @@ def test_parallel_sweep_with_failure_pruning_report_and_resume(tmp_path):
     assert len(study(tmp_path).trials) == 5
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_leaves_the_study_resumable(tmp_path, sig):
-    """Ctrl-C, or SIGTERM (a scheduler's preemption): the cut-off trial is FAILED and re-queued."""
+def _cut_off(tmp_path, sig: signal.Signals, trial: int, *overrides: str) -> None:
+    """Run the sweep until trial `trial` has started training, then send the sweeper `sig`."""
     proc = subprocess.Popen(
-        sweep_cmd(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1"),
+        sweep_cmd(tmp_path, *overrides),
         cwd=ROOT,
         env=env(tmp_path),
         stdout=subprocess.DEVNULL,
@@ -153,19 +152,38 @@ def test_ctrl_c_leaves_the_study_resumable(tmp_path, sig):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # The job writes its MLflow run id once the model is loaded, just before training starts.
-    started = tmp_path / "sweep" / "trial_0000" / "mlflow_run_id"
+    started = tmp_path / "sweep" / f"trial_{trial:04d}" / "mlflow_run_id"
     deadline = time.time() + 300
     while time.time() < deadline and not started.is_file():
         time.sleep(0.2)
-    assert started.is_file(), "trial 0 never started"
+    assert started.is_file(), f"trial {trial} never started"
     proc.send_signal(sig)
     proc.wait(timeout=120)
+
+
+def test_ctrl_c_or_sigterm_leaves_the_study_resumable(tmp_path):
+    """Ctrl-C, or SIGTERM (a scheduler's preemption): the cut-off trial is FAILED and re-queued.
+    One study: Ctrl-C in its first trial; the rerun runs that trial again and SIGTERM cuts off the
+    next one; a last rerun runs that one again, which completes the study."""
+    args = ("hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1")
+    _cut_off(tmp_path, signal.SIGINT, 0, *args)
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert retry_of(trials[1]) == 0
     assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
 
-    run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1")
+    _cut_off(tmp_path, signal.SIGTERM, 2, *args)  # trial 1, trial 0 again, runs to its end first
     trials = study(tmp_path).trials
-    assert [t.state for t in trials][1:] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [
+        TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING
+    ]  # fmt: skip
     assert trials[1].params == trials[0].params  # the cut-off trial ran again, nothing lost
+    assert retry_of(trials[3]) == 2
+    assert not [r for r in runs(tmp_path) if r.info.status == "RUNNING"]
+
+    run_sweep(tmp_path, *args)
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [
+        TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE
+    ]  # fmt: skip
+    assert trials[3].params == trials[2].params

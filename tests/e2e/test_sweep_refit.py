@@ -1,6 +1,6 @@
 """Slow tier: a tiny CPU sweep that ends in a refit of its best trial on every labelled row and
 `submission.csv`; rerunning it does nothing new; a refit cut off before its result resumes in its
-folder from its checkpoint."""
+folder from its checkpoint. One sweep serves both."""
 
 from __future__ import annotations
 
@@ -16,12 +16,21 @@ from tests.unit.test_refit import _dead_pid
 
 pytestmark = pytest.mark.slow
 
-# k=0: prompts without examples, shorter rows: seconds less a step on two cores
-REFIT_ON = ("hydra.sweeper.refit=true", "trial.pruner.name=none", "prompt.fewshot.k=0")
+# Both tests' sweep; k=0: prompts without examples, shorter rows: seconds less a step on two cores
+SWEEP = ("hydra.sweeper.n_trials=2", "hydra.sweeper.refit=true", "trial.pruner.name=none",
+         "prompt.fewshot.k=0")  # fmt: skip
 
 
-def test_a_sweep_ends_in_a_refit_and_submission_and_a_rerun_adds_nothing(tmp_path):
-    proc = run_sweep(tmp_path, "hydra.sweeper.n_trials=2", *REFIT_ON)
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """(folder, sweeper's output) of a two-trial sweep that ended in its refit. Both tests hold
+    in either order: a rerun changes nothing, and the cut-off refit resumes to the same end."""
+    tmp = tmp_path_factory.mktemp("refit")
+    return tmp, run_sweep(tmp, *SWEEP)
+
+
+def test_a_sweep_ends_in_a_refit_and_submission_and_a_rerun_adds_nothing(swept):
+    tmp_path, proc = swept
     sweep = tmp_path / "sweep"
     best = study(tmp_path).best_trial.number
     folder = sweep / f"refit_trial_{best:04d}"
@@ -57,17 +66,17 @@ def test_a_sweep_ends_in_a_refit_and_submission_and_a_rerun_adds_nothing(tmp_pat
     assert "submission.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     before = sorted(p.name for p in sweep.iterdir()), submission.stat().st_mtime_ns
-    proc = run_sweep(tmp_path, "hydra.sweeper.n_trials=2", *REFIT_ON)
+    proc = run_sweep(tmp_path, *SWEEP)
     assert f"refit done: {submission}" in proc.stdout + proc.stderr
     assert (sorted(p.name for p in sweep.iterdir()), submission.stat().st_mtime_ns) == before
     assert len([r for r in runs(tmp_path) if r.info.run_name == "tiny_cpu-refit"]) == 1
 
 
-def test_a_cut_off_refit_resumes_in_its_folder(tmp_path):
-    args = ("hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1", *REFIT_ON)
-    run_sweep(tmp_path, *args)
+def test_a_cut_off_refit_resumes_in_its_folder(swept):
+    tmp_path, _ = swept
     sweep = tmp_path / "sweep"
-    folder = sweep / "refit_trial_0000"
+    best = study(tmp_path).best_trial.number
+    folder = sweep / f"refit_trial_{best:04d}"
     run_id = (folder / "mlflow_run_id").read_text()
     # What a refit killed after its last checkpoint leaves: no result, adapter nor submission, and
     # the study's record RUNNING by a sweeper that is gone.
@@ -78,8 +87,8 @@ def test_a_cut_off_refit_resumes_in_its_folder(tmp_path):
     dead = f"{socket.gethostname()}:{_dead_pid()}"
     s.set_user_attr(REFIT, {**s.user_attrs[REFIT], "state": "RUNNING", "worker": dead})
 
-    proc = run_sweep(tmp_path, *args)
-    assert "refit resumed: trial 0's settings" in proc.stdout + proc.stderr
+    proc = run_sweep(tmp_path, *SWEEP)
+    assert f"refit resumed: trial {best}'s settings" in proc.stdout + proc.stderr
     assert "resuming the run in" in (folder / "job.log").read_text()
     assert len(list(folder.glob("job-*.log"))) == 1  # the first attempt's log is kept
     assert json.loads((folder / "result.json").read_text())["state"] == "COMPLETE"

@@ -213,6 +213,8 @@ def test_ctrl_c_reaches_every_rank_and_ends_the_launcher_as_a_ctrl_c(tmp_path, n
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT ignored in a shell's background job (how CI may run): restore it, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"started{r}").exists() for r in range(2)):
