@@ -157,6 +157,8 @@ class Trial:
         self.step = step
     def should_prune(self):
         return self.step >= 4
+    def set_user_attr(self, key, value):  # where it was pruned, for the sweep report
+        self.attrs = {key: value}
 class State:
     global_step = 0
 hook = ReportToTrial(Trial() if dist.get_rank() == 0 else None)  # only rank 0 holds the trial
