@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import shlex
@@ -100,7 +101,7 @@ def main() -> None:
     result = {"settings": common, "rows": []}
     for lang, path in langs.items():
         data = [f"data=dialogsum_{lang}", f"data.path={path}"]
-        sft = out / f"{lang}_sft"
+        sft = _folder(out, lang, "greedy")
         r = _run(sft, [*common, *data])
         for name in a.variants:
             if name == "greedy":
@@ -110,9 +111,9 @@ def main() -> None:
                 args = [*common, *data, "stages.train=false", f"adapter={sft / 'adapter'}", *extra]
                 if rl:
                     args.append("stages.rl=true")
-                folder = out / f"{lang}_{name.replace('+', '_')}"
+                folder = _folder(out, lang, name)
                 row = _row(lang, name, folder, _run(folder, args), lang)
-            _versus_greedy(row, folder if name != "greedy" else sft, sft, lang)
+            _versus_greedy(row, _folder(out, lang, name), sft, lang)
             result["rows"].append(row)
             _write(out, result)
     print(markdown(result))
@@ -144,8 +145,10 @@ def rescore(dirs: list[Path]) -> dict:
     return result
 
 
-def _finals(folder: Path, language: str) -> dict[str, float]:
-    """Each validation row's final (mecab split), by id."""
+@functools.cache  # greedy's rows are compared with every other variant's
+def _finals(folder: Path, language: str, keep: bool) -> tuple[tuple[str, float], ...]:
+    """Each validation row's (id, final) from the folder's predictions.csv: `#PersonN#` split
+    into morphemes (keep=False, the competition's) or kept whole."""
     from summarizer import metrics
     from summarizer.config import TaskConfig
 
@@ -153,8 +156,8 @@ def _finals(folder: Path, language: str) -> dict[str, float]:
         rows = list(csv.DictReader(f))
     tok = metrics.resolve_tokenizer("auto", language)
     p, r = [x["prediction"] for x in rows], [x["reference"] for x in rows]
-    scores = metrics.score_rows(TaskConfig(), p, r, tok, False)
-    return {x["fname"]: s["final"] for x, s in zip(rows, scores)}
+    scores = metrics.score_rows(TaskConfig(), p, r, tok, keep)
+    return tuple((x["fname"], s["final"]) for x, s in zip(rows, scores))
 
 
 def _versus_greedy(row: dict, folder: Path, greedy: Path, language: str) -> None:
@@ -164,7 +167,7 @@ def _versus_greedy(row: dict, folder: Path, greedy: Path, language: str) -> None
 
     if "error" in row or row["variant"] == "greedy" or not (greedy / "predictions.csv").is_file():
         return
-    mine, base = _finals(folder, language), _finals(greedy, language)
+    mine, base = dict(_finals(folder, language, False)), dict(_finals(greedy, language, False))
     ids = [i for i in mine if i in base]
     if len(ids) != len(mine):
         row["vs_greedy"] = {"error": "not the same validation rows as greedy"}
@@ -185,23 +188,16 @@ def _run(folder: Path, overrides: list[str]) -> dict:
 
 
 def _row(lang: str, name: str, folder: Path, run: dict, language: str) -> dict:
-    from summarizer import metrics
-    from summarizer.config import TaskConfig
-
     row = {"lang": lang, "variant": name, **run}
     result = _json(folder / "result.json")
     if run["returncode"] != 0 or not result:
         row["error"] = f"exit {run['returncode']}: see {folder.name}.log"
         return row
     row.update(result.get("metrics", {}))
-    preds = folder / "predictions.csv"
-    with preds.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    p, r = [x["prediction"] for x in rows], [x["reference"] for x in rows]
-    tok = metrics.resolve_tokenizer("auto", language)
     for keep, key in ((False, "final_split"), (True, "final_whole")):
-        row[key] = metrics.score(TaskConfig(), p, r, tok, keep)["final"]
-    row["rows"] = len(rows)
+        finals = [value for _, value in _finals(folder, language, keep)]
+        row[key] = sum(finals) / len(finals)
+    row["rows"] = len(finals)
     rl = _json(folder / "rl_metrics.json")
     if rl:
         seconds = rl.get("rl_seconds") or rl.get("train_seconds")
@@ -239,12 +235,13 @@ def markdown(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['lang']} | {r['variant']} | {r['error']} | | | | | | | | |")
             continue
-        v = r.get("vs_greedy") or {}
-        versus = (
-            v.get("error")
-            or (v and f"{v['mean_diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]")
-            or "-"
-        )
+        v = r.get("vs_greedy")
+        if not v:
+            versus = "-"
+        elif "error" in v:
+            versus = v["error"]
+        else:
+            versus = f"{v['mean_diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]"
         lines.append(
             f"| {r['lang']} | {r['variant']} | {r.get('rows')} | {_f(r.get('rouge1'), '.2f')} | "
             f"{_f(r.get('rouge2'), '.2f')} | {_f(r.get('rougeL'), '.2f')} | "
