@@ -19,19 +19,25 @@ during training. The `none` sweep of the first seed also refits (hydra.sweeper.r
 submission and the best trial's adapter are both scored on the hold-out rows.
 
 Writes <out>/sweep_pruning.json and <out>/sweep_pruning.md (a section for benchmarks/RESULTS.md);
-runs and Optuna stores stay under <out>. `--deadline` seconds: setups not started by then are
-skipped and said so (results written after each sweep). Overrides after `--` go to every sweep.
+runs and Optuna stores stay under <out>. `--parallel N` runs N sweeps at once: the setups of one
+seed side by side share the machine alike, so their wall times stay comparable. `--deadline`
+seconds: sweeps not started by then are skipped, running ones are stopped (SIGTERM) with their
+finished trials kept, and both are said so (results written after each sweep). Overrides after `--`
+go to every sweep.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,10 +82,18 @@ def main() -> None:
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--gpus", default="[0,0,0,0]", help="hydra.sweeper.gpus (trials at once)")
     ap.add_argument("--holdout", type=float, default=0.2, help="share of rows held out")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds; later setups skipped")
+    ap.add_argument("--parallel", type=int, default=1, help="sweeps run at the same time")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: sweeps not started by then are skipped, running ones stopped",
+    )
     ap.add_argument("--out", default=None, help="default: benchmarks/out/sweep-pruning-<time>")
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every sweep")
     a = ap.parse_args()
+    from summarizer.files import write_atomic
+
     start = time.monotonic()
     out = Path(a.out or ROOT / "benchmarks" / "out" / time.strftime("sweep-pruning-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
@@ -93,27 +107,40 @@ def main() -> None:
             ap.error("--data LANG=PATH (or --cpu-smoke)")
         base, gpus = GPU_SWEEP, a.gpus
     result = {"trials": a.trials, "seeds": a.seeds, "base": base + a.overrides, "sweeps": []}
+    jobs = []
     for lang, path in langs.items():
         labelled, holdout = split_holdout(Path(path), out / "data" / lang, a.holdout)
         data = [f"data=dialogsum_{lang}", f"data.path={labelled}", f"data.test_path={holdout}"]
         result.setdefault("data", {})[lang] = {"labelled": str(labelled), "holdout": str(holdout)}
-        for seed in a.seeds:
-            for setup in a.setups:
-                if a.deadline and time.monotonic() - start > a.deadline:
-                    result["sweeps"].append({"lang": lang, "seed": seed, "setup": setup,
-                                             "skipped": "deadline"})  # fmt: skip
-                    continue
-                refit = setup == "none" and seed == a.seeds[0]
-                name = f"{lang}_{setup}_s{seed}"
-                args = [*base, *data, *SETUPS[setup], *a.overrides]
-                r = sweep(out, name, args, seed, a.trials, gpus, refit)
-                r.update({"lang": lang, "seed": seed, "setup": setup})
-                if refit:
-                    r["refit"] = refit_value(out / name, holdout, lang, r)
-                result["sweeps"].append(r)
-                summarise(result)
-                (out / "sweep_pruning.json").write_text(json.dumps(result, indent=1))
-                (out / "sweep_pruning.md").write_text(markdown(result))
+        jobs += [(lang, seed, setup, data, holdout) for seed in a.seeds for setup in a.setups]
+    result["parallel"] = a.parallel
+    deadline = start + a.deadline if a.deadline else None
+    lock = threading.Lock()
+
+    def one(job) -> None:
+        lang, seed, setup, data, holdout = job
+        if deadline and time.monotonic() > deadline:
+            r = {"skipped": "deadline"}
+        else:
+            refit = setup == "none" and seed == a.seeds[0]
+            name = f"{lang}_{setup}_s{seed}"
+            args = [*base, *data, *SETUPS[setup], *a.overrides]
+            r = sweep(out, name, args, seed, a.trials, gpus, refit, deadline)
+            if refit and not r.get("cut"):
+                r["refit"] = refit_value(out / name, holdout, lang, r)
+        r.update({"lang": lang, "seed": seed, "setup": setup})
+        with lock:  # results written after each sweep, in the jobs' order
+            result["sweeps"].append(r)
+            order = {(j[0], j[1], j[2]): i for i, j in enumerate(jobs)}
+            result["sweeps"].sort(key=lambda x: order[(x["lang"], x["seed"], x["setup"])])
+            summarise(result)
+            write_atomic(out / "sweep_pruning.json", json.dumps(result, indent=1))
+            write_atomic(out / "sweep_pruning.md", markdown(result))
+
+    # --parallel N: N sweeps at once (matched setups side by side share the machine alike)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.parallel)) as pool:
+        for f in [pool.submit(one, job) for job in jobs]:
+            f.result()
     print(markdown(result))
 
 
@@ -149,7 +176,9 @@ def split_holdout(path: Path, folder: Path, share: float) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def sweep(out: Path, name: str, args: list[str], seed: int, trials: int, gpus, refit: bool) -> dict:
+def sweep(
+    out: Path, name: str, args: list[str], seed: int, trials: int, gpus, refit: bool, deadline
+) -> dict:
     folder, store = out / name, f"sqlite:///{out / name}.db"
     cmd = [
         sys.executable, "-m", "summarizer", "--multirun", *args,
@@ -162,10 +191,25 @@ def sweep(out: Path, name: str, args: list[str], seed: int, trials: int, gpus, r
         cmd.append(f"hydra.sweeper.gpus={gpus}")
     log = out / f"{name}.log"
     t0 = time.time()
+    cut = False
     with log.open("w") as f:
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        try:
+            rc = proc.wait(
+                timeout=None if deadline is None else max(1, deadline - time.monotonic())
+            )
+        except subprocess.TimeoutExpired:  # past the deadline: stop it, keep its finished trials
+            cut = True
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
     wall = time.time() - t0
     r = {"name": name, "returncode": rc, "command_s": wall}
+    if cut:
+        r["cut"] = "deadline: stopped, its finished trials kept"
     r.update(study_figures(store, name, t0))
     # the trials' wall time: from the start to the last trial's end (a refit runs after it)
     r["wall_s"] = max((t["ended_at"] for t in r["trials"]), default=wall)
@@ -290,7 +334,8 @@ def _f(value, spec: str) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"Trial budget {result['trials']} per sweep, sampler seeds {result['seeds']}; "
+        f"Trial budget {result['trials']} per sweep, sampler seeds {result['seeds']}, "
+        f"{result.get('parallel', 1)} sweep(s) at a time; "
         f"settings: `{' '.join(result['base'])}`.",
         "",
         "| lang | seed | setup | best | complete / pruned / failed | wall s | wall ratio | "
@@ -303,7 +348,8 @@ def markdown(result: dict) -> str:
                          "| | | | | | |")  # fmt: skip
             continue
         lines.append(
-            f"| {r['lang']} | {r['seed']} | {r['setup']} | {_f(r.get('best'), '.2f')} | "
+            f"| {r['lang']} | {r['seed']} | {r['setup']}{' (cut at the deadline)' if r.get('cut') else ''} | "
+            f"{_f(r.get('best'), '.2f')} | "
             f"{r.get('complete')} / {r.get('pruned')} / {r.get('failed')} | "
             f"{_f(r.get('wall_s'), '.0f')} | {_f(r.get('wall_ratio'), '.2f')} | "
             f"{_f(r.get('trial_seconds_ratio'), '.2f')} | {_f(r.get('time_to_target_s'), '.0f')} | "

@@ -313,7 +313,7 @@ def test_gemma_sweep_searches_the_wider_space_and_every_value_composes():
     assert (c.trial.intermediate, c.trial.pruner.name, c.train.eval_rouge_rows) == (
         "rouge", "wilcoxon", 64,
     )  # fmt: skip
-    assert c.trial.pruner.n_startup_steps == 64  # one evaluation's rows
+    assert c.trial.pruner.n_startup_steps == 128  # two evaluations' rows
     # decoding: MBR over 16 samples (the decoding benchmark's winner); training's ROUGE greedy
     assert (c.generate.strategy, c.generate.mbr.candidates, c.generate.num_beams) == ("mbr", 16, 1)
     assert c.train.eval_rouge_strategy == "greedy"

@@ -107,3 +107,26 @@ def test_rescore_merges_folders_and_compares_each_variant_with_greedy_row_by_row
     )
     with pytest.raises(SystemExit, match="other en settings"):
         dec.rescore([tmp_path / "x", tmp_path / "y"])
+
+
+def test_a_sweep_still_running_at_the_deadline_is_stopped_and_marked_cut(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    real = subprocess.Popen
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(sp.subprocess, "Popen", lambda cmd, **kw: real(sleeper, **kw))
+    monkeypatch.setattr(sp, "study_figures", lambda store, name, t0: {"trials": []})
+    t0 = time.monotonic()
+    r = sp.sweep(tmp_path, "ko_none_s42", [], 42, 3, None, False, time.monotonic() + 1)
+    assert time.monotonic() - t0 < 30 and r["cut"].startswith("deadline")
+    assert r["returncode"] != 0  # stopped by SIGTERM, not finished
+    assert "(cut at the deadline)" in sp.markdown(
+        {
+            "trials": 3,
+            "seeds": [42],
+            "base": [],
+            "sweeps": [{**r, "lang": "ko", "seed": 42, "setup": "none"}],
+        }
+    )
