@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,63 @@ def process_env(gpu: int | str | None, share_cores: int) -> dict:
     return env
 
 
+class Spare:
+    """One worker's trial process started ahead (summarizer/sweep/warm.py): it imports the heavy
+    libraries while the worker's current trial runs, and the worker's next trial takes it over
+    instead of starting cold. It is used only for the same folder and environment it was started
+    with, dies with the worker's thread (PR_SET_PDEATHSIG) and exits at the end of its input."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.key: tuple | None = None
+
+    def start(self, cwd: Path, env: dict) -> None:
+        self.close()
+        self.key = (str(cwd), sorted(env.items()))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "summarizer.sweep.warm"],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_sweeper,
+        )
+
+    def take(self, cwd: Path, env: dict, args: list[str], log: Path) -> subprocess.Popen | None:
+        """The spare, now running `python -m summarizer <args>` into `log`; None when there is no
+        usable spare (never started, died, or started for another folder or environment)."""
+        proc, key, self.proc = self.proc, self.key, None
+        if proc is None:
+            return None
+        if proc.poll() is not None or key != (str(cwd), sorted(env.items())):
+            _stop(proc)
+            return None
+        try:
+            proc.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+            proc.stdin.close()
+        except OSError:  # it died meanwhile
+            _stop(proc)
+            return None
+        return proc
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """A spare that took no trial has nothing to lose: killed at once (it may still be importing)."""
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_process(
     args: list[str],
     out: Path,
@@ -76,28 +134,34 @@ def run_process(
     interval: float,
     running: dict,
     key: int,
+    spare: Spare | None = None,
 ) -> int:
     """Run one trial as `python -m summarizer <args>` in `out` (its output in out/job.log), calling
     `beat` every `interval` seconds until it ends; `running[key]` holds it meanwhile (for
-    `terminate`). Returns its exit code."""
-    cmd = [sys.executable, "-m", "summarizer", *args, f"hydra.run.dir={out}"]
-    with open(out / "job.log", "w", encoding="utf-8") as job_log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=job_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_sweeper,
-        )
-        running[key] = proc
-        while proc.poll() is None:
-            try:
-                proc.wait(timeout=interval)
-            except subprocess.TimeoutExpired:
-                beat()
-        running.pop(key, None)
+    `terminate`). With a `spare`, the trial takes over the spare process when it can, and a new
+    spare starts for the next trial. Returns its exit code."""
+    args = [*args, f"hydra.run.dir={out}"]
+    proc = spare.take(cwd, env, args, out / "job.log") if spare else None
+    if proc is None:
+        with open(out / "job.log", "w", encoding="utf-8") as job_log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "summarizer", *args],
+                cwd=cwd,
+                env=env,
+                stdout=job_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_sweeper,
+            )
+    running[key] = proc
+    if spare:
+        spare.start(cwd, env)  # the next trial's process imports while this one runs
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=interval)
+        except subprocess.TimeoutExpired:
+            beat()
+    running.pop(key, None)
     return proc.returncode
 
 

@@ -118,9 +118,20 @@ class SummarizerSweeperConf:
     max_retries: int = 1  # re-runs of a trial cut off by an interruption
     retry_failed: bool = False  # queue the study's FAILED trials once more (their cause was fixed)
     report: bool = True  # plots + best-trial summary at the end (also: make sweep-report)
+    # each worker starts its next trial's process ahead, importing torch & co while the current
+    # trial runs (sweep/warm.py): auto = when trials run on GPUs (hydra.sweeper.gpus) | true | false
+    warm_start: Any = "auto"
     # at the end: the best trial's settings trained again on every labelled row, its predictions
     # of data.test_path as <sweep dir>/submission.csv (sweep/refit.py)
     refit: bool = False
+
+
+def warm_start(value: Any, on_gpus: bool) -> bool:
+    """hydra.sweeper.warm_start as a switch: auto is on when the trials run on GPUs."""
+    shown = str(value).lower()
+    if shown not in ("auto", "true", "false"):
+        raise UserError(f"hydra.sweeper.warm_start={value!r}: expected auto, true or false")
+    return on_gpus if shown == "auto" else shown == "true"
 
 
 def _shown_distribution(d: optuna.distributions.BaseDistribution) -> str:
@@ -182,6 +193,7 @@ class SummarizerSweeper(Sweeper):
         c = self.conf
         gpus = sweep_gpus(c.gpus)  # gpus=auto on a machine without one fails before anything
         self.gpus = gpus
+        self.warm = warm_start(c.warm_start, bool(gpus)) and self.launcher is None
         pruner = OmegaConf.select(self.config, "trial.pruner")
         if pruner is not None:  # a bad pruner fails here once, not in every trial's job
             check_pruner(pruner)
@@ -489,6 +501,14 @@ class SummarizerSweeper(Sweeper):
                 self.ended.notify_all()
 
     def _work(self, gpu: int | None) -> None:
+        spare = jobs.Spare() if self.warm else None
+        try:
+            self._claim_and_run(gpu, spare)
+        finally:
+            if spare:
+                spare.close()
+
+    def _claim_and_run(self, gpu: int | None, spare: jobs.Spare | None) -> None:
         while not self.stop.is_set():
             trial = None
             try:
@@ -507,7 +527,7 @@ class SummarizerSweeper(Sweeper):
                     self.wake.wait(timeout=self.conf.heartbeat_interval)
                     self.wake.clear()
                     continue
-                self._run_trial(trial, gpu)
+                self._run_trial(trial, gpu, spare)
             except Exception as e:  # a sweeper bug or a storage error: stop, leave nothing RUNNING
                 log.error("worker stopped: %s: %s", type(e).__name__, e)
                 self.errors.append(e)
@@ -518,7 +538,7 @@ class SummarizerSweeper(Sweeper):
                         self.study.tell(trial, state=TrialState.FAIL)
                 return
 
-    def _run_trial(self, trial: optuna.Trial, gpu: int | None) -> None:
+    def _run_trial(self, trial: optuna.Trial, gpu: int | None, spare: jobs.Spare | None) -> None:
         fixed = {f.split("=", 1)[0] for f in self.fixed}
         # A fixed value on this command line wins over a retry's value from an older search space.
         overrides = [f"{k}={v}" for k, v in trial.params.items() if k not in fixed]
@@ -560,6 +580,7 @@ class SummarizerSweeper(Sweeper):
                 interval=self.conf.heartbeat_interval,
                 running=self.procs,
                 key=trial.number,
+                spare=spare,
             )
             logs = out / "job.log"
         else:

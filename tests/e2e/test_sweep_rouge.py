@@ -81,6 +81,7 @@ def test_the_wilcoxon_pruner_stops_a_trial_worse_row_by_row(tmp_path):
         "train.max_steps=8", "train.eval_steps=4", "train.train_rows=32", "train.eval_rows=8",
         "train.eval_rouge_rows=8", "trial.intermediate=rouge", "trial.pruner.name=wilcoxon",
         "trial.pruner.p_threshold=0.1", "trial.pruner.n_startup_steps=8",
+        "hydra.sweeper.warm_start=true",  # trial 1 runs in the process started during trial 0
     )  # fmt: skip
     good, bad = study(tmp_path).trials
     assert (good.state, bad.state) == (TrialState.COMPLETE, TrialState.PRUNED)
@@ -92,3 +93,5 @@ def test_the_wilcoxon_pruner_stops_a_trial_worse_row_by_row(tmp_path):
     assert all(bad.intermediate_values[s] < good.intermediate_values[s] for s in range(16)[last])
     said = (tmp_path / "sweep" / "trial_0001" / "job.log").read_text()
     assert "trial 1 pruned at step" in said and "(eval_rouge_sum " in said
+    assert "warm start: libraries imported ahead" in said
+    assert "warm start" not in (tmp_path / "sweep" / "trial_0000" / "job.log").read_text()
