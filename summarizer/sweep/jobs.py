@@ -155,7 +155,10 @@ def run_process(
             )
     running[key] = proc
     if spare:
-        spare.start(cwd, env)  # the next trial's process imports while this one runs
+        try:
+            spare.start(cwd, env)  # the next trial's process imports while this one runs
+        except OSError:  # no spare (out of processes or memory): the next trial starts cold
+            spare.proc = None
     while proc.poll() is None:
         try:
             proc.wait(timeout=interval)
