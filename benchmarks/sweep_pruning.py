@@ -10,7 +10,9 @@ hold-out split of our own that neither the sweep nor the refit sees. On the firs
 - `none`: no pruning, no ROUGE during training (the plain sweep);
 - `median_loss`: the median pruner on eval loss (the usual Optuna + HF setup);
 - `wilcoxon`: ROUGE during training, Optuna's WilcoxonPruner on per-row ROUGE against the best trial;
-- `hyperband`: ROUGE during training, Hyperband with training steps as the budget.
+- `hyperband`: ROUGE during training, Hyperband with training steps as the budget;
+- `none_cold`, `wilcoxon_cold` (not run unless asked): `none` / `wilcoxon` with each trial's process
+  started cold, to measure the warm start (`hydra.sweeper.warm_start`, on by default on GPUs).
 
 Figures per sweep: best validation score, wall time (start to the last trial's end), summed trial time (slot-seconds: comparable when
 trials share a GPU), trials complete / pruned, the wall time until a trial came within 0.5 of the
@@ -52,8 +54,27 @@ SETUPS = {
         "train.eval_rouge_rows=0",
     ],
     "wilcoxon": ["trial.pruner.name=wilcoxon", "trial.intermediate=rouge"],
-    "hyperband": ["trial.pruner.name=hyperband", "trial.intermediate=rouge"],
+    # the first rung at the first evaluation (with min_resource=1 every rung below it is judged
+    # at that one report)
+    "hyperband": [
+        "trial.pruner.name=hyperband",
+        "trial.intermediate=rouge",
+        "trial.pruner.min_resource=${train.eval_steps}",
+    ],
+    # trial processes started cold (on GPUs they start warm by default: hydra.sweeper.warm_start)
+    "none_cold": [
+        "trial.pruner.name=none",
+        "trial.intermediate=loss",
+        "train.eval_rouge_rows=0",
+        "hydra.sweeper.warm_start=false",
+    ],
+    "wilcoxon_cold": [
+        "trial.pruner.name=wilcoxon",
+        "trial.intermediate=rouge",
+        "hydra.sweeper.warm_start=false",
+    ],
 }
+DEFAULT_SETUPS = ["none", "median_loss", "wilcoxon", "hyperband"]
 GPU_SWEEP = [  # sweep=gemma's own settings; a shorter trial so 4 setups x 2 seeds fit one lease
     "sweep=gemma",
     "tracking.enabled=false",
@@ -79,7 +100,7 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the shipped samples")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, choices=list(SETUPS))
     ap.add_argument("--gpus", default="[0,0,0,0]", help="hydra.sweeper.gpus (trials at once)")
     ap.add_argument("--holdout", type=float, default=0.2, help="share of rows held out")
     ap.add_argument("--parallel", type=int, default=1, help="sweeps run at the same time")
