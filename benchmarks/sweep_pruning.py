@@ -61,19 +61,11 @@ SETUPS = {
         "trial.intermediate=rouge",
         "trial.pruner.min_resource=${train.eval_steps}",
     ],
-    # trial processes started cold (on GPUs they start warm by default: hydra.sweeper.warm_start)
-    "none_cold": [
-        "trial.pruner.name=none",
-        "trial.intermediate=loss",
-        "train.eval_rouge_rows=0",
-        "hydra.sweeper.warm_start=false",
-    ],
-    "wilcoxon_cold": [
-        "trial.pruner.name=wilcoxon",
-        "trial.intermediate=rouge",
-        "hydra.sweeper.warm_start=false",
-    ],
 }
+# trial processes started cold (on GPUs they start warm by default: hydra.sweeper.warm_start)
+SETUPS.update(
+    {f"{k}_cold": [*SETUPS[k], "hydra.sweeper.warm_start=false"] for k in ("none", "wilcoxon")}
+)
 DEFAULT_SETUPS = ["none", "median_loss", "wilcoxon", "hyperband"]
 GPU_SWEEP = [  # sweep=gemma's own settings; a shorter trial so 4 setups x 2 seeds fit one lease
     "sweep=gemma",
@@ -137,6 +129,7 @@ def main() -> None:
     result["parallel"] = a.parallel
     deadline = start + a.deadline if a.deadline else None
     lock = threading.Lock()
+    order = {job[:3]: i for i, job in enumerate(jobs)}  # (lang, seed, setup) -> place
 
     def one(job) -> None:
         lang, seed, setup, data, holdout = job
@@ -152,7 +145,6 @@ def main() -> None:
         r.update({"lang": lang, "seed": seed, "setup": setup})
         with lock:  # results written after each sweep, in the jobs' order
             result["sweeps"].append(r)
-            order = {(j[0], j[1], j[2]): i for i, j in enumerate(jobs)}
             result["sweeps"].sort(key=lambda x: order[(x["lang"], x["seed"], x["setup"])])
             summarise(result)
             write_atomic(out / "sweep_pruning.json", json.dumps(result, indent=1))
@@ -368,9 +360,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['lang']} | {r['seed']} | {r['setup']} | skipped ({r['skipped']}) "
                          "| | | | | | |")  # fmt: skip
             continue
+        setup = r["setup"] + (" (cut at the deadline)" if r.get("cut") else "")
         lines.append(
-            f"| {r['lang']} | {r['seed']} | {r['setup']}{' (cut at the deadline)' if r.get('cut') else ''} | "
-            f"{_f(r.get('best'), '.2f')} | "
+            f"| {r['lang']} | {r['seed']} | {setup} | {_f(r.get('best'), '.2f')} | "
             f"{r.get('complete')} / {r.get('pruned')} / {r.get('failed')} | "
             f"{_f(r.get('wall_s'), '.0f')} | {_f(r.get('wall_ratio'), '.2f')} | "
             f"{_f(r.get('trial_seconds_ratio'), '.2f')} | {_f(r.get('time_to_target_s'), '.0f')} | "

@@ -78,19 +78,22 @@ class Spare:
         self.key: tuple | None = None
 
     def start(self, cwd: Path, env: dict) -> None:
+        """A new spare for `cwd` and `env` (the one before, if any, is stopped). Where none can
+        start (out of processes or memory), there is none: the next trial starts cold."""
         self.close()
-        self.key = (str(cwd), sorted(env.items()))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "summarizer.sweep.warm"],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-            preexec_fn=_die_with_sweeper,
-        )
+        self.key = _spare_key(cwd, env)
+        with contextlib.suppress(OSError):
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "summarizer.sweep.warm"],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+                preexec_fn=_die_with_sweeper,
+            )
 
     def take(self, cwd: Path, env: dict, args: list[str], log: Path) -> subprocess.Popen | None:
         """The spare, now running `python -m summarizer <args>` into `log`; None when there is no
@@ -98,7 +101,7 @@ class Spare:
         proc, key, self.proc = self.proc, self.key, None
         if proc is None:
             return None
-        if proc.poll() is not None or key != (str(cwd), sorted(env.items())):
+        if proc.poll() is not None or key != _spare_key(cwd, env):
             _stop(proc)
             return None
         try:
@@ -113,6 +116,10 @@ class Spare:
         proc, self.proc = self.proc, None
         if proc is not None:
             _stop(proc)
+
+
+def _spare_key(cwd: Path, env: dict) -> tuple:
+    return str(cwd), sorted(env.items())
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -155,10 +162,7 @@ def run_process(
             )
     running[key] = proc
     if spare:
-        try:
-            spare.start(cwd, env)  # the next trial's process imports while this one runs
-        except OSError:  # no spare (out of processes or memory): the next trial starts cold
-            spare.proc = None
+        spare.start(cwd, env)  # the next trial's process imports while this one runs
     while proc.poll() is None:
         try:
             proc.wait(timeout=interval)
