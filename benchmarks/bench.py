@@ -6,7 +6,8 @@
 For one model shape (random weights from its config, saved to a local folder and loaded through the
 project's normal loader, nf4 QLoRA, LoRA r16 on the seven projections) and the real token lengths
 of the Korean dev set (benchmarks/rows.py), it trains the same rows (`--steps` batches of
-`--batch-size`, one pass) with each variant, `--repeats` times, each run in its own process:
+`--batch-size`, one pass) with each variant, `--repeats` times (round the variants: A B A B ...), each
+run in its own process:
 
   peers (benchmarks/peers.py says how each is configured): trl_plain (the hand-written TRL + peft
   script), trl_bfd_liger, trl_best / trl_best_nockpt (padding-free batches) and trl_best_bfd /
@@ -226,22 +227,30 @@ def main() -> None:
         save(dest, result)
         print(json.dumps(result["lowmem"], indent=1))
         return
-    for variant in variants:
-        print(f"== train {variant}", flush=True)
-        if variant == "unsloth" and not peers.unsloth_available():
-            figures = {"error": "not installed", "not_installed": True}
-        elif (len(variants) > 1 or args.repeats > 1) and not args.in_process:
-            runs = [isolated(variant, work, i) for i in range(args.repeats)]
-            figures = peers.summarise(runs)
-        else:
-            figures = train_guarded(variant, path, tokenizer, train_rows, eval_rows, args, work)
-        if "error" not in figures:
-            peers.add_mfu(figures, flops["flops_per_token"], flops["peak_tflops"])
-        result["train"][variant] = figures
-        save(dest, result)  # each variant's figures survive a later crash or time limit
-        top = figures.get("profile_top_host_ops")
-        print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, (str, list))}))
-        print(top or "", flush=True)
+    # Repeats go round the variants (A B A B ...), not one variant's repeats in a row: the
+    # machine's drift (clocks, heat, other tenants) then reaches every variant alike, and a time
+    # limit leaves each variant with the repeats it got to.
+    isolate = (len(variants) > 1 or args.repeats > 1) and not args.in_process
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for repeat in range(args.repeats if isolate else 1):
+        for variant in variants:
+            print(f"== train {variant} (repeat {repeat + 1})", flush=True)
+            if variant == "unsloth" and not peers.unsloth_available():
+                if repeat:
+                    continue
+                figures = {"error": "not installed", "not_installed": True}
+            elif isolate:
+                runs[variant].append(isolated(variant, work, repeat))
+                figures = peers.summarise(runs[variant])
+            else:
+                figures = train_guarded(variant, path, tokenizer, train_rows, eval_rows, args, work)
+            if "error" not in figures:
+                peers.add_mfu(figures, flops["flops_per_token"], flops["peak_tflops"])
+            result["train"][variant] = figures
+            save(dest, result)  # each run's figures survive a later crash or time limit
+            top = figures.get("profile_top_host_ops")
+            print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, (str, list))}))
+            print(top or "", flush=True)
     ours_ok = "error" not in result["train"].get("ours", {"error": "not run"})
     if not args.no_generate and ours_ok:
         gen_rows = all_rows[: args.gen_rows or None]  # the whole validation set by default
