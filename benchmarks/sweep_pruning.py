@@ -17,7 +17,8 @@ hold-out split of our own that neither the sweep nor the refit sees. On the firs
 Figures per sweep: best validation score, wall time (start to the last trial's end), summed trial time (slot-seconds: comparable when
 trials share a GPU), trials complete / pruned, the wall time until a trial came within 0.5 of the
 `none` sweep's best (same seed), and for the ROUGE setups the share of trial time spent generating
-during training. The `none` sweep of the first seed also refits (hydra.sweeper.refit=true): its
+during training. Sweeps cut at the deadline all end there: for them, compare the time each took
+for the first trials that every sweep of its seed finished. The `none` sweep of the first seed also refits (hydra.sweeper.refit=true): its
 submission and the best trial's adapter are both scored on the hold-out rows.
 
 Writes <out>/sweep_pruning.json and <out>/sweep_pruning.md (a section for benchmarks/RESULTS.md);
@@ -280,6 +281,32 @@ def summarise(result: dict) -> None:
         r["time_to_target_s"] = min(hits) if hits else None
         r["wall_ratio"] = r["wall_s"] / ref["wall_s"]
         r["trial_seconds_ratio"] = r["trial_seconds"] / ref["trial_seconds"]
+    # Sweeps cut at a deadline all end at the deadline, so their wall ratios say nothing: compare
+    # instead the time each took for the first trials that every sweep of its seed finished.
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["sweeps"]:
+        if "trials" in r:
+            groups.setdefault((r["lang"], r["seed"]), []).append(r)
+    for group in groups.values():
+        n = min(_finished_prefix(r["trials"]) for r in group)
+        for r in group:
+            ends = [t["ended_at"] for i, t in enumerate(r["trials"]) if t.get("number", i) < n]
+            r["first_trials"], r["first_trials_s"] = n, (max(ends) if n else None)
+        ref = next((r for r in group if r["setup"] == "none"), None)
+        for r in group:
+            if ref and n:
+                r["first_trials_ratio"] = r["first_trials_s"] / ref["first_trials_s"]
+
+
+def _finished_prefix(trials: list[dict]) -> int:
+    """How many trials, counted from trial 0, ran to their end (complete or pruned)."""
+    done = {
+        t.get("number", i) for i, t in enumerate(trials) if t["state"] in ("COMPLETE", "PRUNED")
+    }
+    n = 0
+    while n in done:
+        n += 1
+    return n
 
 
 def refit_value(folder: Path, holdout: Path, lang: str, r: dict) -> dict:
@@ -345,6 +372,14 @@ def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _first(r: dict) -> str:
+    if not r.get("first_trials"):
+        return "-"
+    return (
+        f"{r['first_trials']}: {r['first_trials_s']:.0f} ({_f(r.get('first_trials_ratio'), '.2f')})"
+    )
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Trial budget {result['trials']} per sweep, sampler seeds {result['seeds']}, "
@@ -352,20 +387,22 @@ def markdown(result: dict) -> str:
         f"settings: `{' '.join(result['base'])}`.",
         "",
         "| lang | seed | setup | best | complete / pruned / failed | wall s | wall ratio | "
-        "trial s ratio | to within 0.5 of plain best (s) | ROUGE share of trial time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "trial s ratio | first trials every sweep finished: s (ratio) | "
+        "to within 0.5 of plain best (s) | ROUGE share of trial time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["sweeps"]:
         if "skipped" in r:
             lines.append(f"| {r['lang']} | {r['seed']} | {r['setup']} | skipped ({r['skipped']}) "
-                         "| | | | | | |")  # fmt: skip
+                         "| | | | | | | |")  # fmt: skip
             continue
         setup = r["setup"] + (" (cut at the deadline)" if r.get("cut") else "")
         lines.append(
             f"| {r['lang']} | {r['seed']} | {setup} | {_f(r.get('best'), '.2f')} | "
             f"{r.get('complete')} / {r.get('pruned')} / {r.get('failed')} | "
             f"{_f(r.get('wall_s'), '.0f')} | {_f(r.get('wall_ratio'), '.2f')} | "
-            f"{_f(r.get('trial_seconds_ratio'), '.2f')} | {_f(r.get('time_to_target_s'), '.0f')} | "
+            f"{_f(r.get('trial_seconds_ratio'), '.2f')} | {_first(r)} | "
+            f"{_f(r.get('time_to_target_s'), '.0f')} | "
             f"{_f(r.get('rouge_share'), '.1%')} |"
         )
     for r in result["sweeps"]:

@@ -56,6 +56,24 @@ def test_time_to_target_and_ratios_are_against_the_plain_sweep_of_the_same_seed(
     assert pruned["wall_ratio"] == 0.5 and pruned["trial_seconds_ratio"] == 23 / 30
     table = sp.markdown(result)
     assert "| ko | 42 | wilcoxon | 85.20 | None / None / None | 50 | 0.50 |" in table
+    # every sweep finished its 3 trials: the first-trials figure is the whole sweep's
+    assert pruned["first_trials"] == 3 and pruned["first_trials_ratio"] == 0.45
+    assert "| 3: 45 (0.45) |" in table
+
+
+def test_sweeps_cut_at_the_deadline_compare_the_trials_all_of_them_finished():
+    def t(number, ended, state="COMPLETE"):
+        return {"number": number, "value": 80.0, "ended_at": ended, "seconds": 10, "state": state}
+
+    plain = _sweep("none", 450, [t(0, 100), t(1, 300), t(2, 440), t(3, 450, "FAIL")])
+    pruned = _sweep("wilcoxon", 450, [t(0, 110), t(1, 200, "PRUNED"), t(3, 450, "FAIL"),
+                                      t(2, 400)])  # fmt: skip
+    behind = _sweep("hyperband", 450, [t(0, 120), t(1, 320), t(2, 450, "FAIL")])
+    result = {"trials": 4, "seeds": [42], "base": [], "sweeps": [plain, pruned, behind]}
+    sp.summarise(result)
+    assert [r["first_trials"] for r in (plain, pruned, behind)] == [2, 2, 2]
+    assert [r["first_trials_s"] for r in (plain, pruned, behind)] == [300, 200, 320]
+    assert pruned["first_trials_ratio"] == 200 / 300 and pruned["wall_ratio"] == 1.0
 
 
 def test_a_decoding_row_scores_the_predictions_both_ways(tmp_path):
