@@ -84,6 +84,9 @@ def run(cfg: DictConfig, plan: preflight.Plan | None = None) -> float:
     shots = prompt.ShotSelector(cfg.prompt.fewshot, [e for e in train_ex if e.source == "original"])
 
     encode = make_encoder(cfg, tokenizer, fmt, stop_id, shots)
+    refs = [e.summary for e in train_ex[:500]]
+    if warning := generate.ngram_block_warning(cfg.generate.no_repeat_ngram_size, tokenizer, refs):
+        log.warning(warning)
 
     # Tracking: one MLflow run; inside a sweep it nests under the sweep's run and reports to Optuna.
     trial = sweep.attach(cfg.trial) if main else None

@@ -93,3 +93,23 @@ def test_tiny_model_takes_the_attention_setting():
         cfg = ModelConfig(name="tiny", source="tiny", dtype="float32", attn_implementation=attn)
         lm, _ = build_model(cfg, QuantConfig(), "~/.cache/summarizer")
         assert lm.config._attn_implementation == attn
+
+
+def test_an_ngram_block_that_forbids_what_the_references_write_is_told(tiny):
+    from summarizer.generate import ngram_block_warning, repeated_ngram_share
+
+    _, tok = tiny
+    phrase = "#Person1# 은 #Person2# 에게"
+    n = len(tok(phrase, add_special_tokens=False)["input_ids"])
+    twice = f"{phrase} 말한다. {phrase} 묻는다."  # the same words twice, as summaries name speakers
+    once = "오늘 회의는 길었다."
+    assert repeated_ngram_share(0, tok, [twice]) == 0.0  # 0: no block
+    assert repeated_ngram_share(n - 1, tok, [twice, once]) == 0.5
+    assert repeated_ngram_share(200, tok, [twice]) == 0.0  # longer than any summary
+    shares = [repeated_ngram_share(k, tok, [twice, once]) for k in range(1, 12)]
+    assert shares == sorted(shares, reverse=True)  # a longer n forbids less
+    warning = ngram_block_warning(2, tok, [twice, once])
+    assert warning.startswith("generate.no_repeat_ngram_size=2: 50% of the training summaries")
+    assert "\n" not in warning
+    assert ngram_block_warning(2, tok, [once, once]) is None
+    assert ngram_block_warning(0, tok, [twice]) is None
