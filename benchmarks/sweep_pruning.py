@@ -287,14 +287,14 @@ def summarise(result: dict) -> None:
     for r in result["sweeps"]:
         if "trials" in r:
             groups.setdefault((r["lang"], r["seed"]), []).append(r)
-    for group in groups.values():
+    for key, group in groups.items():
         n = min(_finished_prefix(r["trials"]) for r in group)
         for r in group:
             ends = [t["ended_at"] for i, t in enumerate(r["trials"]) if t.get("number", i) < n]
             r["first_trials"], r["first_trials_s"] = n, (max(ends) if n else None)
-        ref = next((r for r in group if r["setup"] == "none"), None)
+        ref = plain.get(key)  # a skipped plain sweep has no first trials
         for r in group:
-            if ref and n:
+            if ref and ref.get("first_trials_s"):
                 r["first_trials_ratio"] = r["first_trials_s"] / ref["first_trials_s"]
 
 
